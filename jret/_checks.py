@@ -52,7 +52,9 @@ def check_same_dim(a, b, name_a: str, name_b: str, axis: int = -1) -> None:
 def check_nonempty(x, name: str, axis: int = 0) -> None:
     """Raise ``ValueError`` when ``x`` has no entries along ``axis``."""
     if np.shape(x)[axis] == 0:
-        raise ValueError(f"{name}: expected at least one entry along axis {axis}, got shape {np.shape(x)}")
+        raise ValueError(
+            f"{name}: expected at least one entry along axis {axis}, got shape {np.shape(x)}"
+        )
 
 
 def check_finite(x, name: str) -> None:

@@ -95,7 +95,9 @@ def gem(
     x, mask, single = _batched(x, mask)
     p = jnp.asarray(p, dtype=jnp.float32)
     if p.ndim > 1 or (p.ndim == 1 and p.shape[0] not in (1, x.shape[-1])):
-        raise ValueError(f"p: expected a scalar or a per-channel ({x.shape[-1]},) array, got {p.shape}")
+        raise ValueError(
+            f"p: expected a scalar or a per-channel ({x.shape[-1]},) array, got {p.shape}"
+        )
     p = jnp.maximum(p, GEM_P_MIN)
     logx = jnp.log(jnp.maximum(x.astype(jnp.float32), eps))
     lse = jax.nn.logsumexp(p * logx, axis=(1, 2), where=mask[..., None])
@@ -134,7 +136,9 @@ def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4)
     full-map region is *not* included (see :func:`rmac`).
     """
     if height <= 0 or width <= 0 or levels <= 0:
-        raise ValueError(f"rmac_regions: expected positive height, width, levels; got {height, width, levels}")
+        raise ValueError(
+            f"rmac_regions: expected positive height, width, levels; got {height, width, levels}"
+        )
     w, w_long = min(height, width), max(height, width)
     steps = np.arange(2, 8)
     b = (w_long - w) / (steps - 1)
@@ -147,8 +151,14 @@ def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4)
         if side == 0:
             continue
         n_w, n_h = level + e_w, level + e_h
-        starts_w = [0] if n_w == 1 else [int(np.floor(j * (width - side) / (n_w - 1))) for j in range(n_w)]
-        starts_h = [0] if n_h == 1 else [int(np.floor(i * (height - side) / (n_h - 1))) for i in range(n_h)]
+        starts_w = (
+            [0] if n_w == 1 else [int(np.floor(j * (width - side) / (n_w - 1))) for j in range(n_w)]
+        )
+        starts_h = (
+            [0]
+            if n_h == 1
+            else [int(np.floor(i * (height - side) / (n_h - 1))) for i in range(n_h)]
+        )
         boxes += [(y0, x0, y0 + side, x0 + side) for y0 in starts_h for x0 in starts_w]
     return np.asarray(boxes, dtype=np.int32).reshape(-1, 4)
 

@@ -88,12 +88,16 @@ def _pair_indices(qidx, pidx, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_integer(idx, name)
     qidx, pidx = np.asarray(qidx), np.asarray(pidx)
     if qidx.shape != pidx.shape:
-        raise ValueError(f"qidx and pidx: expected the same length, got {qidx.shape} and {pidx.shape}")
+        raise ValueError(
+            f"qidx and pidx: expected the same length, got {qidx.shape} and {pidx.shape}"
+        )
     if qidx.size == 0:
         raise ValueError("qidx: expected at least one matching pair, got none")
     for name, idx in (("qidx", qidx), ("pidx", pidx)):
         if idx.min() < 0 or idx.max() >= n:
-            raise ValueError(f"{name}: indices must lie in [0, {n}), got range [{idx.min()}, {idx.max()}]")
+            raise ValueError(
+                f"{name}: indices must lie in [0, {n}), got range [{idx.min()}, {idx.max()}]"
+            )
     return qidx, pidx
 
 
@@ -180,7 +184,9 @@ def whiten_apply(
     """
     check_floating(X, "X")
     if X.shape[-1] != w.P.shape[1]:
-        raise ValueError(f"X: expected last dimension {w.P.shape[1]} (the whitening's input), got {X.shape}")
+        raise ValueError(
+            f"X: expected last dimension {w.P.shape[1]} (the whitening's input), got {X.shape}"
+        )
     P = w.P if dims is None else w.P[:dims]
     if dims is not None and not 0 < dims <= w.P.shape[0]:
         raise ValueError(f"dims: expected 1..{w.P.shape[0]}, got {dims}")

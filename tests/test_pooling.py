@@ -15,11 +15,15 @@ def relu_map(*shape):
 
 
 def np_mac(x, mask):
-    return np.stack([x[i][mask[i]].max(0) if mask[i].any() else np.zeros(x.shape[-1]) for i in range(len(x))])
+    return np.stack(
+        [x[i][mask[i]].max(0) if mask[i].any() else np.zeros(x.shape[-1]) for i in range(len(x))]
+    )
 
 
 def np_spoc(x, mask):
-    return np.stack([x[i][mask[i]].mean(0) if mask[i].any() else np.zeros(x.shape[-1]) for i in range(len(x))])
+    return np.stack(
+        [x[i][mask[i]].mean(0) if mask[i].any() else np.zeros(x.shape[-1]) for i in range(len(x))]
+    )
 
 
 def np_gem(x, p, mask, eps=1e-6):
@@ -125,7 +129,9 @@ def test_weighted_spoc(batch):
     w = RNG.uniform(size=mask.shape).astype(np.float32)
     ref = np.einsum("nhw,nhwc->nc", w * mask, x)
     np.testing.assert_allclose(pooling.weighted_spoc(x, w, mask=mask), ref, rtol=1e-5)
-    np.testing.assert_allclose(pooling.weighted_spoc(x[0], w[0]), np.einsum("hw,hwc->c", w[0], x[0]), rtol=1e-5)
+    np.testing.assert_allclose(
+        pooling.weighted_spoc(x[0], w[0]), np.einsum("hw,hwc->c", w[0], x[0]), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("hw", [(24, 32), (32, 24), (48, 64), (7, 7), (10, 30), (3, 1), (1, 1)])
@@ -150,7 +156,9 @@ def test_regional_matches_slicing(batch):
             np.testing.assert_allclose(out[:, r], ref, rtol=1e-5)
     gem_out = pooling.regional(x, boxes, "gem", p=2.0)
     sub = x[:, 1:4, 2:8]
-    np.testing.assert_allclose(gem_out[:, 1], np_gem(sub, 2.0, np.ones(sub.shape[:3], bool)), rtol=1e-4)
+    np.testing.assert_allclose(
+        gem_out[:, 1], np_gem(sub, 2.0, np.ones(sub.shape[:3], bool)), rtol=1e-4
+    )
 
 
 def test_rmac_matches_numpy(batch):
@@ -193,7 +201,9 @@ def test_jit_and_vmap_agree(batch):
     for fn in (pooling.mac, pooling.spoc, pooling.gem, pooling.rmac):
         np.testing.assert_allclose(jax.jit(fn)(x), fn(x), rtol=1e-6)
         np.testing.assert_allclose(jax.vmap(fn)(x), fn(x), rtol=1e-6)
-    np.testing.assert_allclose(jax.jit(pooling.gem)(x, 2.5, mask=mask), pooling.gem(x, 2.5, mask=mask), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(pooling.gem)(x, 2.5, mask=mask), pooling.gem(x, 2.5, mask=mask), rtol=1e-6
+    )
 
 
 def test_bad_input():

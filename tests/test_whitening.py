@@ -110,7 +110,9 @@ def test_whiten_apply_matches_transcription_and_shapes():
     ref = (X - np.asarray(w.m)) @ np.asarray(w.P)[:8].T
     ref /= np.linalg.norm(ref, axis=1, keepdims=True) + 1e-6
     np.testing.assert_allclose(whitening.whiten_apply(X, w, dims=8), ref, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(jax.jit(whitening.whiten_apply, static_argnums=2)(X, w, 8), ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(whitening.whiten_apply, static_argnums=2)(X, w, 8), ref, rtol=1e-4, atol=1e-6
+    )
     reg = X.reshape(20, 12, 16)
     assert whitening.whiten_apply(reg, w).shape == (20, 12, 16)
 
