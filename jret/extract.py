@@ -133,6 +133,7 @@ def extract_global(
     crop_mode: str = "python",
     batch_size: int = 16,
     pad_multiple: int = 32,
+    window: int = 512,
     progress: bool | None = None,
     validate: bool = True,
 ) -> np.ndarray:
@@ -149,6 +150,7 @@ def extract_global(
       batch_size: images per forward pass.
       pad_multiple: sizes are padded up to a multiple of this (pad value = the input mean, masked
         out of pooling); 1 runs each size exactly.
+      window: images loaded and prepared at a time, so memory stays bounded on long lists.
       progress: show a progress bar (default: when more than 64 images).
       validate: check the inputs and the outputs for NaN/inf.
 
@@ -159,56 +161,63 @@ def extract_global(
         raise ValueError(f"bboxes: expected one entry per image ({len(images)}), got {len(bboxes)}")
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"scales: expected positive scales, got {tuple(scales)}")
-    if pad_multiple < 1 or batch_size < 1:
+    if min(pad_multiple, batch_size, window) < 1:
         raise ValueError(
-            f"pad_multiple and batch_size: expected >= 1, got {pad_multiple}, {batch_size}"
+            f"pad_multiple, batch_size, window: expected >= 1, got {pad_multiple}, {batch_size}, {window}"
         )
     if len(images) == 0:
         raise ValueError("images: expected at least one image")
 
-    prepared = [
-        prepare_image(im, None if bboxes is None else bboxes[i], max_side, crop_mode)
-        for i, im in enumerate(tqdm(images, desc="load", disable=not _show(progress, len(images))))
-    ]
-    if validate:
-        for i, img in enumerate(prepared):
-            check_finite(img, f"images[{i}]")
-
     pad_value = np.asarray(model.mean if model.mean is not None else (0.0, 0.0, 0.0), np.float32)
     forward = jax.jit(lambda v, x, m: model.apply(v, x, mask=m))
-    per_scale = []
-    for scale in scales:
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, img in enumerate(prepared):
-            groups[_padded(_scaled_shape(img.shape[:2], scale), pad_multiple)].append(i)
-        out = np.zeros((len(prepared), 0), np.float32)
-        bar = tqdm(
-            total=len(prepared), desc=f"scale {scale:.3g}", disable=not _show(progress, len(images))
-        )
-        for shape, idx in groups.items():
-            for start in range(0, len(idx), batch_size):
-                chunk = idx[start : start + batch_size]
-                bs = _batch_size_for(len(chunk), batch_size)
-                batch = np.broadcast_to(pad_value, (bs, *shape, 3)).copy()
-                mask = np.zeros((bs, *shape), bool)
-                for j, i in enumerate(chunk):
-                    h, w = _scaled_shape(prepared[i].shape[:2], scale)
-                    batch[j, :h, :w] = _resize(prepared[i], (h, w), antialias=False)
-                    mask[j, :h, :w] = True
-                desc = np.asarray(forward(variables, batch, mask))[: len(chunk)]
-                if out.shape[1] == 0:
-                    out = np.zeros((len(prepared), desc.shape[1]), np.float32)
-                out[chunk] = desc
-                bar.update(len(chunk))
-        bar.close()
-        per_scale.append(out)
-
-    result = np.asarray(
-        combine_scales(jnp.asarray(np.stack(per_scale)), multiscale_power(model, variables))
-    )
+    power = multiscale_power(model, variables)
+    result = None
+    bar = tqdm(total=len(images), desc="extract", disable=not _show(progress, len(images)))
+    for first in range(0, len(images), window):
+        prepared = []
+        for i in range(first, min(first + window, len(images))):
+            img = prepare_image(
+                images[i], None if bboxes is None else bboxes[i], max_side, crop_mode
+            )
+            if validate:
+                check_finite(img, f"images[{i}]")
+            prepared.append(img)
+        per_scale = [
+            _describe(forward, variables, prepared, s, batch_size, pad_multiple, pad_value)
+            for s in scales
+        ]
+        desc = np.asarray(combine_scales(jnp.asarray(np.stack(per_scale)), power))
+        if result is None:
+            result = np.zeros((len(images), desc.shape[1]), np.float32)
+        result[first : first + len(prepared)] = desc
+        bar.update(len(prepared))
+    bar.close()
     if validate:
         check_finite(result, "descriptors")
     return result
+
+
+def _describe(forward, variables, prepared, scale, batch_size, pad_multiple, pad_value):
+    """Single-scale network descriptors ``(n, D)`` of prepared images, batched by padded size."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, img in enumerate(prepared):
+        groups[_padded(_scaled_shape(img.shape[:2], scale), pad_multiple)].append(i)
+    out = None
+    for shape, idx in groups.items():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            bs = _batch_size_for(len(chunk), batch_size)
+            batch = np.broadcast_to(pad_value, (bs, *shape, 3)).copy()
+            mask = np.zeros((bs, *shape), bool)
+            for j, i in enumerate(chunk):
+                h, w = _scaled_shape(prepared[i].shape[:2], scale)
+                batch[j, :h, :w] = _resize(prepared[i], (h, w), antialias=False)
+                mask[j, :h, :w] = True
+            desc = np.asarray(forward(variables, batch, mask))[: len(chunk)]
+            if out is None:
+                out = np.zeros((len(prepared), desc.shape[1]), np.float32)
+            out[chunk] = desc
+    return out
 
 
 def _show(progress: bool | None, n: int) -> bool:

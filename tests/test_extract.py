@@ -42,7 +42,9 @@ def reference(model, variables, imgs, scales, p):
 def test_exact_mode_matches_per_image_reference(net):
     model, variables = net
     imgs = images([(48, 64), (48, 64), (64, 40), (50, 50)])
-    got = extract.extract_global(variables, imgs, SCALES, model=model, pad_multiple=1, batch_size=2)
+    got = extract.extract_global(
+        variables, imgs, SCALES, model=model, pad_multiple=1, batch_size=2, window=3
+    )
     ref = reference(model, variables, imgs, SCALES, 2.5)
     np.testing.assert_allclose(got, ref, atol=2e-5)
 
