@@ -94,3 +94,34 @@ def ranked_grid(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_training_curves(
+    history: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str = ""
+) -> None:
+    """Training loss and validation mAP (Easy/Medium/Hard, %) per epoch, side by side.
+
+    ``history`` holds one record per epoch with ``epoch`` and optionally ``loss`` and
+    ``val_easy`` / ``val_medium`` / ``val_hard`` (fractions); epoch 0 is the untrained network.
+    """
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
+    rows = [r for r in history if r.get("loss") is not None]
+    ax_loss.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="mean loss per step", title="training loss")
+    for setup in ("easy", "medium", "hard"):
+        rows = [r for r in history if f"val_{setup}" in r]
+        ax_map.plot(
+            [r["epoch"] for r in rows],
+            [100 * r[f"val_{setup}"] for r in rows],
+            marker="o",
+            label=setup.capitalize(),
+        )
+    ax_map.set(xlabel="epoch", ylabel="mAP (%)", title="validation (revisited protocol)")
+    ax_map.legend(fontsize=8)
+    for ax in (ax_loss, ax_map):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

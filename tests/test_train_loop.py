@@ -1,0 +1,127 @@
+"""The epoch loop end to end on a tiny benchmark: exact resumption, checkpoints, export."""
+
+import copy
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jret.experiment import load_config
+from jret.extract import extract_global
+from jret.train.checkpoint import CheckpointError, Checkpoints, load_export
+from jret.train.loop import pad_square, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DATA = dict(
+    image_size=(96, 72),
+    object_size=64,
+    n_landmarks=8,
+    n_db=60,
+    n_queries=8,
+    n_easy=2,
+    n_hard=2,
+    n_junk=2,
+    n_train_landmarks=6,
+    n_val_landmarks=2,
+    train_images_per_landmark=4,
+    train_pairs_per_landmark=2,
+    n_backgrounds=6,
+    n_clutter_objects=6,
+)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    c = load_config(str(ROOT / "configs" / "train_synthetic.py"))
+    c.data.root = str(data)
+    c.data.tfds_dir = str(data / "tfds")
+    c.data.synthetic_config.update(TINY_DATA)
+    c.model.backbone_kwargs = {"stage_sizes": (1, 1, 1, 1), "width": 4}
+    c.train.update(
+        dict(
+            epochs=2,
+            query_size=4,
+            pool_size=20,
+            num_negatives=2,
+            batch_tuples=2,
+            image_size=48,
+            eval_batch_size=8,
+            save_every_steps=1,
+            validate_every=1,
+            lr=1e-3,
+        )
+    )
+    c.val.update(dict(root=str(data), max_side=48, pad_multiple=48))
+    c.whitening.update(dict(scales=(1.0,), max_side=48, pad_multiple=48))
+    return c
+
+
+def _params(workdir: Path):
+    ckpt = Checkpoints(workdir / "checkpoints")
+    out = ckpt.restore()
+    ckpt.close()
+    return out
+
+
+def test_pad_square():
+    a, b = np.ones((3, 5, 3), np.float32), np.full((4, 2, 3), 0.5, np.float32)
+    x, m = pad_square([a, b], 6, count=3)
+    assert x.shape == (3, 6, 6, 3) and m.shape == (3, 6, 6)
+    assert m[0, :3, :5].all() and m[0].sum() == 15 and m[1].sum() == 8 and not m[2].any()
+    np.testing.assert_array_equal(x[1, :4, :2], b)
+    assert x[0, 3:].sum() == 0
+    with pytest.raises(ValueError, match=r"images\[0\]"):
+        pad_square([np.ones((7, 2, 3), np.float32)], 6)
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(config, tmp_path):
+    full = train(config, tmp_path / "full", log=lambda *_: None)
+    assert not full["interrupted"]
+    assert [r["epoch"] for r in full["history"]] == [0, 1, 2]
+    assert all(np.isfinite(r["loss"]) for r in full["history"][1:])
+
+    part = train(config, tmp_path / "resumed", stop_after=3, log=lambda *_: None)
+    assert part["interrupted"]  # mid-way through epoch 2 (2 steps per epoch)
+    resumed = train(config, tmp_path / "resumed", log=lambda *_: None)
+    assert [r["epoch"] for r in resumed["history"]] == [0, 1, 2]
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "resumed")
+    assert int(a["state"]["step"]) == int(b["state"]["step"]) == 4
+    jax.tree.map(np.testing.assert_array_equal, a["state"]["params"], b["state"]["params"])
+    jax.tree.map(np.testing.assert_array_equal, a["state"]["opt_state"], b["state"]["opt_state"])
+    assert full["best_map"] == resumed["best_map"]
+
+    # the exported best network (with Lw) restores into a RetrievalNet for extraction
+    model, variables, meta = load_export(tmp_path / "full" / "checkpoints")
+    assert meta["architecture"] == "resnet18" and meta["whitening"]
+    assert model.whiten_dim == variables["params"]["whiten"]["kernel"].shape[1]
+    img = np.random.default_rng(0).uniform(size=(40, 30, 3)).astype(np.float32)
+    desc = extract_global(variables, [img], (1.0,), model=model, max_side=48)
+    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, rtol=1e-5)
+    plain_model, plain, _ = load_export(tmp_path / "full" / "checkpoints", whiten=False)
+    assert plain_model.whiten_dim is None and "whiten" not in plain["params"]
+
+
+def test_corrupt_checkpoint_gives_a_clear_error_and_keeps_the_previous_one(config, tmp_path):
+    c = copy.deepcopy(config)
+    c.train.validate_every = 0
+    c.train.epochs = 1
+    c.whitening.fit = False
+    train(c, tmp_path, log=lambda *_: None)
+    ckpt = Checkpoints(tmp_path / "checkpoints")
+    steps = sorted(ckpt.latest.all_steps())
+    assert steps == [1, 2]
+    newest = Path(str(ckpt.latest.directory)) / str(steps[-1])
+    files = sorted((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    for f in files[-3:]:  # truncate the largest data files
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match=r"step 2 .* truncated or corrupt .*available: \[1\]"):
+        ckpt.restore()
+    older = ckpt.restore(step=1)
+    assert int(older["state"]["step"]) == 1
+    with pytest.raises(CheckpointError, match="no step 7"):
+        ckpt.restore(step=7)
+    ckpt.close()
+    with pytest.raises(CheckpointError, match="no exported network"):
+        load_export(tmp_path / "checkpoints")
