@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
             pooling="gem",
             p=3.0,
             weights="",
+            checkpoint="",
             weights_format="torchvision",
         )
     )
@@ -33,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
             max_side=256,
             batch_size=16,
             pad_multiple=32,
+            # query crops come in many sizes: pad them to one shape per scale, so that a CPU
+            # compiles a handful of programs instead of one per crop size
+            query_pad_multiple=256,
         )
     )
     c.whitening = ml_collections.ConfigDict(

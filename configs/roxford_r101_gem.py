@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = quickstart_config()
     c.data.update(dict(root="data/datasets", name="roxford5k", synthetic=False))
     c.model.update(dict(backbone="resnet101", weights="", weights_format="cirtorch"))
-    c.extract.update(dict(max_side=1024, batch_size=1, pad_multiple=64))
+    c.extract.update(dict(max_side=1024, batch_size=1, pad_multiple=64, query_pad_multiple=64))
     c.whitening.update(dict(pairs="pickle", split="val", pairs_file="", image_dir=""))
     c.qe.update(dict(k=50, alpha=3.0))
     return c
