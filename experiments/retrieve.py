@@ -11,7 +11,6 @@ setup) and ``ranked_lists.png`` into the workdir.
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from pathlib import Path
 
@@ -205,9 +204,7 @@ def main(argv=None) -> dict:
         "timings_s": timings,
         "config": config.to_dict(),
         "versions": experiment.versions(),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-        if argv is None
-        else " ".join(argv),
+        "command": experiment.command_line(argv),
     }
     experiment.write_json(workdir / "metrics.json", metrics)
     (workdir / "metrics.md").write_text(table + "\n")

@@ -12,7 +12,6 @@ checkpoints and ``export/`` (the best network with Lw fitted on the training pai
 from __future__ import annotations
 
 import csv
-import sys
 import time
 from pathlib import Path
 
@@ -53,9 +52,7 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - t0,
         "config": config.to_dict(),
         "versions": experiment.versions(),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-        if argv is None
-        else " ".join(argv),
+        "command": experiment.command_line(argv),
     }
     experiment.write_json(workdir / "metrics.json", metrics)
     (workdir / "metrics.md").write_text(table + "\n")

@@ -83,6 +83,13 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     return args
 
 
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that ran the experiment: ``argv`` when given, else ``sys.argv``."""
+    if argv is not None:
+        return " ".join(argv)
+    return " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
 def versions() -> dict[str, str]:
     """Versions of Python, the platform and the libraries a result depends on."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}

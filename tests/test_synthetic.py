@@ -13,22 +13,7 @@ from PIL import Image
 from jret.data import synthetic as syn
 from jret.data.revisited import load_revisited
 
-TINY = syn.SyntheticConfig(
-    image_size=(96, 72),
-    object_size=64,
-    n_landmarks=8,
-    n_db=60,
-    n_queries=8,
-    n_easy=2,
-    n_hard=2,
-    n_junk=2,
-    n_train_landmarks=3,
-    n_val_landmarks=2,
-    train_images_per_landmark=4,
-    train_pairs_per_landmark=2,
-    n_backgrounds=6,
-    n_clutter_objects=6,
-)
+TINY = syn.TINY_CONFIG
 
 
 @pytest.fixture(scope="module")

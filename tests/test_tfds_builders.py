@@ -20,22 +20,7 @@ from jret.data.sfm import cid_path
 
 tfds.disable_progress_bar()
 
-TINY = syn.SyntheticConfig(
-    image_size=(96, 72),
-    object_size=64,
-    n_landmarks=8,
-    n_db=60,
-    n_queries=8,
-    n_easy=2,
-    n_hard=2,
-    n_junk=2,
-    n_train_landmarks=3,
-    n_val_landmarks=2,
-    train_images_per_landmark=4,
-    train_pairs_per_landmark=2,
-    n_backgrounds=6,
-    n_clutter_objects=6,
-)
+TINY = syn.TINY_CONFIG
 
 
 def write_sfm(root: Path, n_train=(3, 2, 4), n_val=(2,), seed=0) -> Path:

@@ -1,34 +1,21 @@
 """The epoch loop end to end on a tiny benchmark: exact resumption, checkpoints, export."""
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from jret.data import synthetic as syn
 from jret.experiment import load_config
 from jret.extract import extract_global
 from jret.train.checkpoint import CheckpointError, Checkpoints, load_export
 from jret.train.loop import pad_square, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_DATA = dict(
-    image_size=(96, 72),
-    object_size=64,
-    n_landmarks=8,
-    n_db=60,
-    n_queries=8,
-    n_easy=2,
-    n_hard=2,
-    n_junk=2,
-    n_train_landmarks=6,
-    n_val_landmarks=2,
-    train_images_per_landmark=4,
-    train_pairs_per_landmark=2,
-    n_backgrounds=6,
-    n_clutter_objects=6,
-)
+TINY_DATA = {**dataclasses.asdict(syn.TINY_CONFIG), "n_train_landmarks": 6}
 
 
 @pytest.fixture(scope="module")

@@ -1223,3 +1223,22 @@ def _write_train(out: Path, name: str, seed: int, c: SyntheticConfig, assets: _A
         }
     db["meta"] = {"landmarks": assets.train_tags, "seed": seed, "config": c.to_dict()}
     _write_pickle(out / "train" / f"{name}-train.pkl", db)
+
+
+TINY_CONFIG = SyntheticConfig(
+    image_size=(96, 72),
+    object_size=64,
+    n_landmarks=8,
+    n_db=60,
+    n_queries=8,
+    n_easy=2,
+    n_hard=2,
+    n_junk=2,
+    n_train_landmarks=3,
+    n_val_landmarks=2,
+    train_images_per_landmark=4,
+    train_pairs_per_landmark=2,
+    n_backgrounds=6,
+    n_clutter_objects=6,
+)
+"""A benchmark of 60 small images generated in seconds, for smoke tests and examples."""
