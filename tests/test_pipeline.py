@@ -1,0 +1,90 @@
+"""The shared pipeline steps and the main job, end to end on a tiny synthetic benchmark."""
+
+import dataclasses
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from jret import experiment, pipeline
+from jret.data import synthetic as syn
+from jret.whitening import whiten_apply
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_DATA = dataclasses.asdict(syn.TINY_CONFIG)
+
+
+def tiny_config(root: pathlib.Path):
+    """The quickstart config shrunk to a width-8 ResNet-18 on 64-pixel images."""
+    c = experiment.load_config(REPO / "configs" / "quickstart.py")
+    c.data.root = str(root)
+    c.data.synthetic_config.update(TINY_DATA)
+    c.model.backbone = "resnet18"
+    c.model.backbone_kwargs = {"width": 8}
+    c.extract.scales = (1.0, 0.5)
+    c.extract.max_side = 64
+    c.extract.query_pad_multiple = 64
+    c.qe.k = 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    config = tiny_config(root)
+    dataset, root = pipeline.load_test_set(config)
+    model, variables = pipeline.build_model(config)
+    return config, dataset, root, model, variables
+
+
+def test_global_descriptors_whitened_and_cached(tiny, tmp_path):
+    config, dataset, root, model, variables = tiny
+    cache = tmp_path / "descriptors.npz"
+    desc = pipeline.global_descriptors(config, dataset, root, model, variables, cache=cache)
+    assert desc.X.shape == (len(dataset.imlist), 64) and desc.Q.shape == (len(dataset.qimlist), 64)
+    np.testing.assert_allclose(np.linalg.norm(desc.X, axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(desc.Xw, np.asarray(whiten_apply(desc.X, desc.whitening)), atol=1e-6)
+    again = pipeline.global_descriptors(config, dataset, root, model, variables, cache=cache)
+    for a, b in zip(desc[:4], again[:4], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(desc.whitening.P, again.whitening.P)
+    config.extract.scales = (1.0,)
+    changed = pipeline.global_descriptors(config, dataset, root, model, variables, cache=cache)
+    assert not np.array_equal(changed.X, desc.X)
+
+
+def test_query_crops_padded_to_one_shape_give_the_unpadded_descriptor_closely(tiny):
+    config, dataset, _, model, variables = tiny
+    files = [dataset.query_path(i) for i in range(3)]
+    bboxes = [dataset.query_bbox(i) for i in range(3)]
+    padded = pipeline.global_extractor(config, model, variables)(files, bboxes=bboxes)
+    config.extract.query_pad_multiple = 1
+    exact = pipeline.global_extractor(config, model, variables)(files, bboxes=bboxes)
+    cosine = np.sum(padded * exact, axis=1)
+    assert np.all(cosine > 0.95), cosine
+
+
+def test_main_job_end_to_end(tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text(
+        "import dataclasses, pathlib, sys\n"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_pipeline import tiny_config\n"
+        f"def get_config():\n    return tiny_config(pathlib.Path({str(tmp_path / 'data')!r}))\n"
+    )
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import retrieve
+    finally:
+        sys.path.pop(0)
+    workdir = tmp_path / "run"
+    metrics = retrieve.main(["--config", str(cfg), "--workdir", str(workdir)])
+    assert list(metrics["stages"]) == ["GeM", "GeM + Lw", "GeM + Lw + αQE"]
+    saved = json.loads((workdir / "metrics.json").read_text())
+    assert saved["stages"] == json.loads(json.dumps(metrics["stages"]))
+    for stage in saved["stages"].values():
+        assert all(0.0 <= stage[s]["map"] <= 100.0 for s in ("easy", "medium", "hard"))
+    for name in ("metrics.md", "pr_curves.png", "ranked_lists.png"):
+        assert (workdir / name).stat().st_size > 0
