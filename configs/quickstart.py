@@ -52,4 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.qe = ml_collections.ConfigDict(dict(k=10, alpha=3.0))
     c.eval = ml_collections.ConfigDict(dict(n_plot_queries=4, top_show=8))
+    # further stages, each a script of its own (experiments/retrieve.py STAGES), e.g.
+    # --set "stages=('diffusion', 'dsm', 'local', 'selective')"
+    c.stages = ()
     return c

@@ -3,13 +3,20 @@
     python experiments/retrieve.py --config configs/quickstart.py [--workdir DIR] [--set k=v ...]
 
 Stages (one row each in the printed table): multi-scale GeM → + learned whitening Lw (fitted on
-the training split, never on the test set) → + αQE. Writes ``metrics.json`` (resolved config,
-per-stage E/M/H mAP and mP@k, timings, versions), ``metrics.md``, ``pr_curves.png`` (Medium
-setup) and ``ranked_lists.png`` into the workdir.
+the training split, never on the test set) → + αQE, then the re-ranking and local-feature stages
+named in ``config.stages`` (``diffusion``: diffusion, FSR and hybrid on the Lw descriptors; ``dsm``:
+deep spatial matching of the αQE ranking, with and without diffusion; ``local``: HOW + ASMK*;
+``selective``: selective convolutional features, embedded, aggregated and hashed). Each lives in
+its own script (``STAGES``), whose ``default_config()`` fills the config section of the same name
+when the config has none. Writes ``metrics.json`` (resolved config, per-stage E/M/H mAP and mP@k,
+timings, versions), ``metrics.md``, ``pr_curves.png`` (Medium setup, global stages) and
+``ranked_lists.png`` into the workdir.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +27,23 @@ from jret.data import revisited
 from jret.evaluate import evaluate_revisited, ranks_from_ids, setup_gnd
 from jret.qe import alpha_qe
 from jret.search import knn
+
+STAGES = {
+    "diffusion": "diffusion_stages",
+    "dsm": "dsm_stage",
+    "local": "retrieve_local",
+    "selective": "selective_stage",
+}
+
+
+def stage_module(name: str):
+    """The experiment script of stage ``name`` (one of ``STAGES``), imported as a module."""
+    if name not in STAGES:
+        raise ValueError(f"stages: expected names from {sorted(STAGES)}, got {name!r}")
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(STAGES[name])
 
 
 def labels_for(gnd_q: dict, ids: np.ndarray) -> list[str]:
@@ -71,6 +95,14 @@ def main(argv=None) -> dict:
         )
         final_ids = ids
     timings["search_eval"] = time.perf_counter() - t0
+
+    for name in config.get("stages", ()):
+        module = stage_module(name)
+        if name not in config:
+            config[name] = module.default_config()
+        t0 = time.perf_counter()
+        results.update(module.stage_rows(config, dataset, root, model, variables, desc))
+        timings[name] = time.perf_counter() - t0
 
     table = experiment.markdown_table(experiment.MAP_HEADER, experiment.map_rows(results))
     print(f"\n{dataset.name}: mAP (%) on the revisited protocol\n{table}\n")

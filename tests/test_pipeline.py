@@ -88,3 +88,13 @@ def test_main_job_end_to_end(tmp_path):
         assert all(0.0 <= stage[s]["map"] <= 100.0 for s in ("easy", "medium", "hard"))
     for name in ("metrics.md", "pr_curves.png", "ranked_lists.png"):
         assert (workdir / name).stat().st_size > 0
+
+
+def test_unknown_stage_is_named_in_the_error():
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import retrieve
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(ValueError, match="stages: expected names from"):
+        retrieve.stage_module("sift")
