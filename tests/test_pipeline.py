@@ -72,7 +72,8 @@ def test_main_job_end_to_end(tmp_path):
         "import dataclasses, pathlib, sys\n"
         f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
         "from test_pipeline import tiny_config\n"
-        f"def get_config():\n    return tiny_config(pathlib.Path({str(tmp_path / 'data')!r}))\n"
+        f"def get_config():\n    c = tiny_config(pathlib.Path({str(tmp_path / 'data')!r}))\n"
+        "    c.stages = ('diffusion',)\n    return c\n"
     )
     sys.path.insert(0, str(REPO / "experiments"))
     try:
@@ -81,7 +82,15 @@ def test_main_job_end_to_end(tmp_path):
         sys.path.pop(0)
     workdir = tmp_path / "run"
     metrics = retrieve.main(["--config", str(cfg), "--workdir", str(workdir)])
-    assert list(metrics["stages"]) == ["GeM", "GeM + Lw", "GeM + Lw + αQE"]
+    assert list(metrics["stages"]) == [
+        "GeM",
+        "GeM + Lw",
+        "GeM + Lw + αQE",
+        "diffusion",
+        "FSR",
+        "hybrid",
+    ]
+    assert metrics["config"]["diffusion"]["k"] > 0  # the stage's defaults joined the config
     saved = json.loads((workdir / "metrics.json").read_text())
     assert saved["stages"] == json.loads(json.dumps(metrics["stages"]))
     for stage in saved["stages"].values():
