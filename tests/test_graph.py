@@ -1,16 +1,13 @@
 """jret.graph against brute-force numpy transcriptions of Iscen et al., CVPR 2017, eqs. 1, 2, 5, 6."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.sparse.csgraph
+from multidevice import run_on_devices
 
 from jret import graph as G
 
@@ -230,13 +227,4 @@ def test_sharded_construction_on_8_devices():
         print("ok")
         """
     )
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "ok" in out.stdout
+    run_on_devices(code)

@@ -1,8 +1,5 @@
 """jret.search against numpy brute force: scores, stable tie order, chunking, dtypes, devices."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -10,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from multidevice import run_on_devices
 
 from jret import search
 
@@ -190,16 +188,7 @@ _SHARDED_CHECK = textwrap.dedent(
 
 
 def test_knn_sharded_eight_simulated_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", _SHARDED_CHECK], env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "sharded ok" in out.stdout
+    run_on_devices(_SHARDED_CHECK)
 
 
 @pytest.mark.parametrize(

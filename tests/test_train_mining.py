@@ -1,10 +1,8 @@
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+from multidevice import run_on_devices
 
 from jret.normalize import l2n
 from jret.train.mining import mine_hard_negatives, select_negatives
@@ -102,7 +100,4 @@ def test_sharded_pool_on_eight_simulated_devices():
         print("ok")
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("ok")
+    run_on_devices(code)

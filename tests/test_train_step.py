@@ -1,7 +1,4 @@
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -9,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from multidevice import run_on_devices
 
 from jret.models import RetrievalNet, init_retrieval_net
 from jret.train import optim
@@ -184,10 +182,4 @@ def test_data_parallel_on_eight_simulated_devices_equals_one_device():
         print("ok", outs[0][1], max(diffs))
         """
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=root)
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "ok" in out.stdout
+    run_on_devices(code)
