@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -122,6 +122,55 @@ def _batch_size_for(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << max(0, (n - 1).bit_length()))
 
 
+def pad_value(model: Any) -> np.ndarray:
+    """The value padded images are filled with: the network's input mean (zeros without one)."""
+    return np.asarray(model.mean if model.mean is not None else (0.0, 0.0, 0.0), np.float32)
+
+
+def check_extract_args(
+    images: Sequence[ImageLike],
+    bboxes: Sequence[Sequence[float] | None] | None,
+    scales: Sequence[float],
+    batch_size: int,
+    pad_multiple: int,
+    window: int,
+) -> None:
+    """Validate the arguments every extractor shares; raise ``ValueError`` naming the culprit."""
+    if len(images) == 0:
+        raise ValueError("images: expected at least one image")
+    if bboxes is not None and len(bboxes) != len(images):
+        raise ValueError(f"bboxes: expected one entry per image ({len(images)}), got {len(bboxes)}")
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"scales: expected positive scales, got {tuple(scales)}")
+    if min(pad_multiple, batch_size, window) < 1:
+        raise ValueError(
+            f"pad_multiple, batch_size, window: expected >= 1, got {pad_multiple}, {batch_size}, "
+            f"{window}"
+        )
+
+
+def prepared_windows(
+    images: Sequence[ImageLike],
+    bboxes: Sequence[Sequence[float] | None] | None,
+    max_side: int | None,
+    crop_mode: str,
+    window: int,
+    validate: bool,
+) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """``(first, prepared)`` per ``window`` images: each loaded, cropped to its box and shrunk by
+    :func:`prepare_image` (and checked for NaN/inf if ``validate``), so that memory stays bounded
+    on long image lists."""
+    for first in range(0, len(images), window):
+        prepared = []
+        for i in range(first, min(first + window, len(images))):
+            box = None if bboxes is None else bboxes[i]
+            img = prepare_image(images[i], box, max_side, crop_mode)
+            if validate:
+                check_finite(img, f"images[{i}]")
+            prepared.append(img)
+        yield first, prepared
+
+
 def extract_global(
     params: Any,
     images: Sequence[ImageLike],
@@ -157,33 +206,15 @@ def extract_global(
     Returns float32 ℓ2-normalised descriptors ``(N, D)``.
     """
     model, variables = _unbind(params, model)
-    if bboxes is not None and len(bboxes) != len(images):
-        raise ValueError(f"bboxes: expected one entry per image ({len(images)}), got {len(bboxes)}")
-    if not scales or any(s <= 0 for s in scales):
-        raise ValueError(f"scales: expected positive scales, got {tuple(scales)}")
-    if min(pad_multiple, batch_size, window) < 1:
-        raise ValueError(
-            f"pad_multiple, batch_size, window: expected >= 1, got {pad_multiple}, {batch_size}, {window}"
-        )
-    if len(images) == 0:
-        raise ValueError("images: expected at least one image")
-
-    pad_value = np.asarray(model.mean if model.mean is not None else (0.0, 0.0, 0.0), np.float32)
+    check_extract_args(images, bboxes, scales, batch_size, pad_multiple, window)
+    pad = pad_value(model)
     forward = jax.jit(lambda v, x, m: model.apply(v, x, mask=m))
     power = multiscale_power(model, variables)
     result = None
     bar = tqdm(total=len(images), desc="extract", disable=not _show(progress, len(images)))
-    for first in range(0, len(images), window):
-        prepared = []
-        for i in range(first, min(first + window, len(images))):
-            img = prepare_image(
-                images[i], None if bboxes is None else bboxes[i], max_side, crop_mode
-            )
-            if validate:
-                check_finite(img, f"images[{i}]")
-            prepared.append(img)
+    for first, prepared in prepared_windows(images, bboxes, max_side, crop_mode, window, validate):
         per_scale = [
-            _describe(forward, variables, prepared, s, batch_size, pad_multiple, pad_value)
+            _describe(forward, variables, prepared, s, batch_size, pad_multiple, pad)
             for s in scales
         ]
         desc = np.asarray(combine_scales(jnp.asarray(np.stack(per_scale)), power))

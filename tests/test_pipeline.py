@@ -72,8 +72,14 @@ def test_main_job_end_to_end(tmp_path):
         "import dataclasses, pathlib, sys\n"
         f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
         "from test_pipeline import tiny_config\n"
+        f"sys.path.insert(0, {str(REPO / 'experiments')!r})\n"
+        "import dsm_stage\n"
         f"def get_config():\n    c = tiny_config(pathlib.Path({str(tmp_path / 'data')!r}))\n"
-        "    c.stages = ('diffusion',)\n    return c\n"
+        "    c.stages = ('diffusion', 'dsm')\n"
+        "    c.dsm = dsm_stage.default_config()\n"
+        "    c.dsm.update(dict(scales=(1.0, 0.5), max_side=64, query_pad_multiple=64,\n"
+        "                      max_features=64, top=10, max_correspondences=256))\n"
+        "    return c\n"
     )
     sys.path.insert(0, str(REPO / "experiments"))
     try:
@@ -89,6 +95,8 @@ def test_main_job_end_to_end(tmp_path):
         "diffusion",
         "FSR",
         "hybrid",
+        "DSM",
+        "DSM + diffusion",
     ]
     assert metrics["config"]["diffusion"]["k"] > 0  # the stage's defaults joined the config
     saved = json.loads((workdir / "metrics.json").read_text())
