@@ -12,7 +12,7 @@ from jret.data import synthetic as syn
 from jret.experiment import load_config
 from jret.extract import extract_global
 from jret.train.checkpoint import CheckpointError, Checkpoints, load_export
-from jret.train.loop import pad_square, train
+from jret.train.loop import build_model, pad_square, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = {**dataclasses.asdict(syn.TINY_CONFIG), "n_train_landmarks": 6}
@@ -112,3 +112,19 @@ def test_corrupt_checkpoint_gives_a_clear_error_and_keeps_the_previous_one(confi
     ckpt.close()
     with pytest.raises(CheckpointError, match="no exported network"):
         load_export(tmp_path / "checkpoints")
+
+
+def test_trainable_batchnorm_reaches_the_backbone(config, tmp_path):
+    """``model.frozen_bn=False`` trains with batch statistics and updates the running ones; the
+    default builds a backbone whose BatchNorm always uses them."""
+    c = copy.deepcopy(config)
+    assert build_model(c)[0].backbone_kwargs["frozen_bn"] is True
+    c.train.update(dict(epochs=1, validate_every=0))
+    c.whitening.fit = False
+    c.model.frozen_bn = False
+    model, initial = build_model(c)
+    assert model.backbone_kwargs["frozen_bn"] is False
+    train(c, tmp_path / "run", log=lambda *_: None)
+    trained = _params(tmp_path / "run")["state"]["batch_stats"]
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, b), initial["batch_stats"], trained)
+    assert all(jax.tree.leaves(moved))

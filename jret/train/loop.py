@@ -27,6 +27,7 @@ from jret.data.tuples import make_tuples, sample_epoch, tuple_labels
 from jret.evaluate import evaluate_revisited, ranks_from_ids
 from jret.extract import extract_global
 from jret.models import RetrievalNet, convert, init_retrieval_net
+from jret.models.resnet import RESNET_CONFIGS
 from jret.search import knn
 from jret.train import optim
 from jret.train.checkpoint import Checkpoints
@@ -125,11 +126,15 @@ def step_batches(
 
 def build_model(config) -> tuple[RetrievalNet, dict]:
     """The RetrievalNet of ``config.model`` and its initial variables: converted torchvision
-    weights when ``model.weights`` names a file, else random from the seed."""
+    weights when ``model.weights`` names a file, else random from the seed. A ResNet's
+    BatchNorm follows ``model.frozen_bn`` (batch statistics in training when False)."""
     m = config.model
+    backbone_kwargs = dict(m.get("backbone_kwargs", {}) or {})
+    if m.backbone in RESNET_CONFIGS:
+        backbone_kwargs.setdefault("frozen_bn", bool(m.frozen_bn))
     kwargs = dict(
         backbone=m.backbone,
-        backbone_kwargs=dict(m.get("backbone_kwargs", {}) or {}),
+        backbone_kwargs=backbone_kwargs,
         pooling=m.pooling,
         p=m.p,
     )
