@@ -216,9 +216,7 @@ def tune(config, root: Path, model, variables, desc, cache: Path | None = None) 
 
 
 def main(argv=None) -> dict:
-    args = experiment.parse_args(__doc__.splitlines()[1], argv)
-    config = experiment.load_config(args.config, args.set)
-    workdir = Path(args.workdir)
+    config, workdir = experiment.start(__doc__.splitlines()[1], argv)
     t_start = time.perf_counter()
     dataset, root = pipeline.load_test_set(config)
     model, variables = pipeline.build_model(config)
@@ -264,15 +262,10 @@ def main(argv=None) -> dict:
         "dataset": dataset.name,
         "n_database": int(X.shape[0]),
         "n_queries": int(Q.shape[0]),
-        "stages": {
-            s: {k: {"map": r[k]["map"], "mp@k": r[k]["mp@k"]} for k in ("easy", "medium", "hard")}
-            for s, r in results.items()
-        },
+        "stages": experiment.stage_metrics(results),
         "tuning": tuning,
         "timings_s": timings,
-        "config": config.to_dict(),
-        "versions": experiment.versions(),
-        "command": command,
+        **experiment.provenance(config, command),
     }
     steps = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
     md = [f"Command: `{command}`", "", f"{dataset.name}, test set:", "", table, "", *md]

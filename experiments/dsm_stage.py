@@ -325,10 +325,7 @@ def _summary(values: list[int]) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = experiment.parse_args(__doc__.splitlines()[2].strip(), argv)
-    config = experiment.load_config(args.config, args.set)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    config, workdir = experiment.start(__doc__.splitlines()[2].strip(), argv)
     t_start = time.perf_counter()
     dataset, root = pipeline.load_test_set(config)
     model, variables = pipeline.build_model(config)
@@ -372,15 +369,10 @@ def main(argv=None) -> dict:
     metrics = {
         "dataset": dataset.name,
         "input": name,
-        "stages": {
-            s: {k: {"map": r[k]["map"], "mp@k": r[k]["mp@k"]} for k in SETUPS}
-            for s, r in results.items()
-        },
+        "stages": experiment.stage_metrics(results),
         "inliers": stats,
         "timings_s": timings,
-        "config": config.to_dict(),
-        "versions": experiment.versions(),
-        "command": command,
+        **experiment.provenance(config, command),
     }
     experiment.write_json(workdir / "metrics.json", metrics)
     (workdir / "metrics.md").write_text(f"Command: `{command}`\n\n{table}\n\n{inlier_table}\n")

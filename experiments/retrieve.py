@@ -55,10 +55,7 @@ def labels_for(gnd_q: dict, ids: np.ndarray) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    args = experiment.parse_args(__doc__.splitlines()[1], argv)
-    config = experiment.load_config(args.config, args.set)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    config, workdir = experiment.start(__doc__.splitlines()[1], argv)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -120,14 +117,9 @@ def main(argv=None) -> dict:
     timings["total"] = time.perf_counter() - t_start
     metrics = {
         "dataset": dataset.name,
-        "stages": {
-            s: {k: {"map": r[k]["map"], "mp@k": r[k]["mp@k"]} for k in ("easy", "medium", "hard")}
-            for s, r in results.items()
-        },
+        "stages": experiment.stage_metrics(results),
         "timings_s": timings,
-        "config": config.to_dict(),
-        "versions": experiment.versions(),
-        "command": experiment.command_line(argv),
+        **experiment.provenance(config, experiment.command_line(argv)),
     }
     experiment.write_json(workdir / "metrics.json", metrics)
     (workdir / "metrics.md").write_text(table + "\n")

@@ -29,10 +29,7 @@ def write_csv(path: Path, history: list[dict]) -> None:
 
 
 def main(argv=None) -> dict:
-    args = experiment.parse_args(__doc__.splitlines()[1], argv)
-    config = experiment.load_config(args.config, args.set)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    config, workdir = experiment.start(__doc__.splitlines()[1], argv)
     t0 = time.perf_counter()
     out = train(config, workdir)
     history = out["history"]
@@ -50,9 +47,7 @@ def main(argv=None) -> dict:
             (r["val_medium"] for r in history if r["epoch"] == 0 and "val_medium" in r), None
         ),
         "seconds": time.perf_counter() - t0,
-        "config": config.to_dict(),
-        "versions": experiment.versions(),
-        "command": experiment.command_line(argv),
+        **experiment.provenance(config, experiment.command_line(argv)),
     }
     experiment.write_json(workdir / "metrics.json", metrics)
     (workdir / "metrics.md").write_text(table + "\n")

@@ -21,6 +21,8 @@ from typing import Any
 
 import ml_collections
 
+from jret.evaluate import SETUPS
+
 
 def load_config(
     path: str | os.PathLike, overrides: Sequence[str] = ()
@@ -83,6 +85,16 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     return args
 
 
+def start(description: str, argv: Sequence[str] | None = None):
+    """The common start of an experiment script: parse ``--config/--workdir/--set``, load the
+    config with its overrides and create the workdir. Returns ``(config, workdir)``."""
+    args = parse_args(description, argv)
+    config = load_config(args.config, args.set)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return config, workdir
+
+
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command that ran the experiment: ``argv`` when given, else ``sys.argv``."""
     if argv is not None:
@@ -102,6 +114,11 @@ def versions() -> dict[str, str]:
 
     out["devices"] = ", ".join(str(d) for d in jax.devices())
     return out
+
+
+def provenance(config: ml_collections.ConfigDict, command: str) -> dict[str, Any]:
+    """The fields every ``metrics.json`` carries: resolved config, versions and command."""
+    return {"config": config.to_dict(), "versions": versions(), "command": command}
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
@@ -146,6 +163,14 @@ def map_rows(results: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
             + [100 * res["medium"]["mp@k"][10]]
         )
     return rows
+
+
+def stage_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """``{stage: {setup: {"map", "mp@k"}}}`` of ``{stage: evaluate_revisited(...)}`` for JSON."""
+    return {
+        stage: {s: {"map": r[s]["map"], "mp@k": r[s]["mp@k"]} for s in SETUPS}
+        for stage, r in results.items()
+    }
 
 
 MAP_HEADER = ("stage", "mAP E", "mAP M", "mAP H", "mP@10 M")
