@@ -68,11 +68,11 @@ def build_model(config) -> tuple[RetrievalNet, dict]:
     mcfg = config.model
     if mcfg.get("checkpoint"):
         model, variables, meta = load_export(mcfg.checkpoint, whiten=False)
-        history = [r for r in meta.get("history", []) if "val_medium" in r]
+        metric = meta.get("metric")  # the validation Medium mAP the network was selected by
         print(
             f"model: {meta['architecture']} + {meta['pooling']} trained by "
             f"experiments/train_global.py ({mcfg.checkpoint}, epoch {meta['epoch']}"
-            + (f", validation M {100 * history[-1]['val_medium']:.2f})" if history else ")")
+            + (f", validation M {100 * metric:.2f})" if metric is not None else ")")
         )
         return model, variables
     kwargs = dict(pooling=mcfg.pooling, p=mcfg.p)
