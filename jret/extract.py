@@ -39,18 +39,23 @@ DEFAULT_SCALES = (1.0, 2**-0.5, 0.5)
 ImageLike = np.ndarray | str | os.PathLike
 
 
-def _unbind(params: Any, model: RetrievalNet | None) -> tuple[RetrievalNet, dict]:
+def unbind_model(params: Any, model: Any, expected: type[nn.Module] = RetrievalNet):
+    """``(model, variables)`` from ``params`` given as variables with ``model=`` or as a bound
+    module; ``expected`` is the module class the extractor needs (default RetrievalNet)."""
     if isinstance(params, nn.Module):
         if params.scope is None:
             raise ValueError(
                 "params: a Module must be bound to its variables (model.bind(variables))"
             )
-        return params.unbind()
+        model, variables = params.unbind()
+    else:
+        variables = params
+    name = expected.__name__
     if model is None:
-        raise ValueError("model: pass the RetrievalNet (or give params as model.bind(variables))")
-    if not isinstance(model, RetrievalNet):
-        raise ValueError(f"model: expected a RetrievalNet, got {type(model).__name__}")
-    return model, params
+        raise ValueError(f"model: pass the {name} (or give params as model.bind(variables))")
+    if not isinstance(model, expected):
+        raise ValueError(f"model: expected a {name}, got {type(model).__name__}")
+    return model, variables
 
 
 def multiscale_power(model: RetrievalNet, variables: dict) -> jax.Array:
@@ -205,7 +210,7 @@ def extract_global(
 
     Returns float32 ℓ2-normalised descriptors ``(N, D)``.
     """
-    model, variables = _unbind(params, model)
+    model, variables = unbind_model(params, model)
     check_extract_args(images, bboxes, scales, batch_size, pad_multiple, window)
     pad = pad_value(model)
     forward = jax.jit(lambda v, x, m: model.apply(v, x, mask=m))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jret._checks import check_ndim, check_positive_int, check_same_dim
+from jret.hqe import hqe as hqe  # Hamming query expansion on local features (SPEC §7.4)
 from jret.normalize import l2n
 from jret.search import knn
 
