@@ -22,6 +22,7 @@ top-k is merged with the chunk's scores directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
@@ -197,17 +198,21 @@ def _knn_local(
     n_valid=None,
     id_offset=0,
     axis_name: str | None = None,
+    score_fn: Callable[[jax.Array, jax.Array], jax.Array] = _scores,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-k of ``queries (nq, D)`` against ``database (n, D)``, chunked over the database.
 
-    Items ``j >= n_valid`` (``n_valid`` may be traced) score ``-inf``; the returned ids are
-    ``id_offset + j``. Requires ``k <= n``. Inside ``shard_map`` over ``axis_name`` the
-    running state is marked as varying along that axis. Full chunks are sliced out of
-    ``database`` in place; the last ``n mod chunk`` rows form one smaller chunk.
+    ``score_fn(queries, rows) -> (nq, c)`` float32 gives the similarities (default the inner
+    product; :mod:`jret.hashing` passes ``−Hamming``). Items ``j >= n_valid`` (``n_valid`` may
+    be traced) score ``-inf``; the returned ids are ``id_offset + j``. Requires ``k <= n``.
+    Full chunks are sliced out of ``database`` in place; the last ``n mod chunk`` rows form one
+    smaller chunk. The two-level block selection is used when ``k`` is small next to the
+    chunk, except inside ``shard_map`` over ``axis_name``, where XLA rejects its optimisation
+    barrier: there the running top-k is merged directly and marked as varying along the axis.
     """
     nq, n = queries.shape[0], database.shape[0]
     chunk = min(chunk_size, n)
-    use_blocks = 2 * k * _BLOCK <= chunk
+    use_blocks = axis_name is None and 2 * k * _BLOCK <= chunk
     if use_blocks:
         chunk = chunk // _BLOCK * _BLOCK
         state = _blocks_init(nq, k, -(-n // _BLOCK))
@@ -218,7 +223,7 @@ def _knn_local(
     n_full, rem = divmod(n, chunk)
 
     def update(state, rows: jax.Array, start, limit):
-        scores = _mask(_scores(queries, rows), start, limit)
+        scores = _mask(score_fn(queries, rows), start, limit)
         if use_blocks:
             return _blocks_update(state, scores, start // _BLOCK)
         return _items_update(state, scores, start)
@@ -329,8 +334,8 @@ def knn(
     return _knn_jit(queries, database, k, chunk_size, query_chunk_size)
 
 
-@partial(jax.jit, static_argnames=("k", "mesh", "axis_name", "chunk_size"))
-def _knn_sharded_jit(queries, database, k, mesh, axis_name, chunk_size):
+@partial(jax.jit, static_argnames=("k", "mesh", "axis_name", "chunk_size", "score_fn"))
+def _knn_sharded_jit(queries, database, k, mesh, axis_name, chunk_size, score_fn=_scores):
     n = database.shape[0]
     n_shards = mesh.shape[axis_name]
     n_local = -(-n // n_shards)
@@ -339,7 +344,9 @@ def _knn_sharded_jit(queries, database, k, mesh, axis_name, chunk_size):
 
     def local(q: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
         offset = lax.axis_index(axis_name) * n_local
-        scores, ids = _knn_local(q, rows, k_local, chunk_size, n - offset, offset, axis_name)
+        scores, ids = _knn_local(
+            q, rows, k_local, chunk_size, n - offset, offset, axis_name, score_fn
+        )
         scores = lax.all_gather(scores, axis_name, axis=1, tiled=True, to="invarying")
         ids = lax.all_gather(ids, axis_name, axis=1, tiled=True, to="invarying")
         best, pos = lax.top_k(scores, k)

@@ -168,7 +168,7 @@ _SHARDED_CHECK = textwrap.dedent(
     one_d = Mesh(np.array(jax.devices()), ("db",))
     two_d = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "db"))
     for n, k, chunk, mesh in [(1003, 10, 64, one_d), (1000, 10, 16384, two_d),
-                              (37, 30, 64, one_d), (5, 5, 64, one_d)]:
+                              (37, 30, 64, one_d), (5, 5, 64, one_d), (1003, 1, 64, one_d)]:
         Q = rng.integers(-2, 3, (9, 16)).astype(np.float32)
         X = rng.integers(-2, 3, (n, 16)).astype(np.float32)
         s = Q.astype(np.float64) @ X.T.astype(np.float64)

@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    PeakRSS,
+    command_line,
+    markdown_head,
+    run_info,
+    time_round_robin,
+    write_results,
+    xla_work_mb,
+)
 
 GPU_CASES = [(1000, 1_000_000, 2048, "bfloat16"), (1000, 10_000_000, 128, "bfloat16")]
 TINY_GPU_CASES = [(16, 5000, 64, "bfloat16"), (16, 20000, 32, "float32")]
@@ -48,58 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     p.add_argument("--name", default=None, help="output file stem (default knn_<suite>)")
     return p.parse_args(argv)
-
-
-class PeakRSS:
-    """Peak resident-set growth (bytes) of this process while the context is open (sampled)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.peak = 0
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = self.rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-        self.delta = self.peak - self.base
-
-
-def xla_work_mb(fn: Callable, *args) -> float:
-    """MiB that XLA allocates for ``jit(fn)(*args)`` besides the inputs: temporaries + output."""
-    import jax
-
-    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
-    return (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20
-
-
-def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list]:
-    """Run each function once (warm-up), then ``repeats`` rounds of all of them in turn."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def unit_rows(rng, n: int, d: int):
@@ -297,9 +253,7 @@ def gpu_suite(args: argparse.Namespace) -> list[dict]:
 def markdown(args: argparse.Namespace, command: str, rows: list[dict], info: dict) -> str:
     from jret.experiment import markdown_table
 
-    lines = [f"# Exact kNN benchmark ({args.suite})", "", f"Command: `{command}`", ""]
-    lines += [f"- {key}: {value}" for key, value in info.items()]
-    lines.append("")
+    lines = markdown_head(f"Exact kNN benchmark ({args.suite})", command, info)
     if args.suite == "cpu":
         header = ["n", "D", "faiss s", "jret s", "jret / faiss", "naive s", "naive / faiss"]
         header += ["MiB faiss", "MiB jret", "MiB naive", "ids = faiss", "load"]
@@ -364,21 +318,10 @@ def main(argv=None) -> list[dict]:
         ).strip()
     if args.suite == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    if argv is not None:
-        command = "python experiments/benchmarks/knn.py " + shlex.join(argv)
-
-    from jret.experiment import versions, write_json
-
+    command = command_line("experiments/benchmarks/knn.py", argv)
     t0 = time.perf_counter()
     rows = cpu_suite(args) if args.suite == "cpu" else gpu_suite(args)
-    info = {
-        "versions": versions(),
-        "cpu_count": os.cpu_count(),
-        "single_thread": args.single_thread,
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    info = run_info(t0, single_thread=args.single_thread)
     if args.suite == "cpu":
         import faiss
 
@@ -388,12 +331,7 @@ def main(argv=None) -> list[dict]:
 
         info["torch"] = torch.__version__
     name = args.name or f"knn_{args.suite}"
-    write_json(
-        args.out / f"{name}.json",
-        {"command": command, "args": vars(args), "info": info, "results": rows},
-    )
-    (args.out / f"{name}.md").write_text(markdown(args, command, rows, info))
-    print(f"wrote {args.out / name}.json and .md")
+    write_results(args.out, name, command, args, info, rows, markdown(args, command, rows, info))
     return rows
 
 
