@@ -1,11 +1,13 @@
 """Tests for jret.models.convert: torchvision / cirtorch weight import and checkpoint files.
 
 Activation parity is checked against torch reference models (torchvision's when importable,
-otherwise the small ResNet / VGG below, built with torchvision's module and parameter names).
+otherwise the torchvision-layout ResNet of experiments/benchmarks/torch_resnet.py and the small
+VGG below, built with torchvision's module and parameter names).
 """
 
 import math
 import sys
+from pathlib import Path
 
 import flax
 import jax
@@ -39,73 +41,8 @@ TINY_R18 = {"stage_sizes": (1, 1, 1, 1), "width": 4}
 TINY_VGG = ((4,), (8,), (8, 8))
 
 if torch is not None:
-
-    class TorchBlock(tnn.Module):
-        """torchvision BasicBlock / Bottleneck (stride on the 3×3 conv), same attribute names."""
-
-        def __init__(self, inplanes, planes, stride, dilation, bottleneck, downsample):
-            super().__init__()
-            out = planes * (4 if bottleneck else 1)
-            conv3 = dict(kernel_size=3, padding=dilation, dilation=dilation, bias=False)
-            if bottleneck:
-                self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-                self.bn1 = tnn.BatchNorm2d(planes)
-                self.conv2 = tnn.Conv2d(planes, planes, stride=stride, **conv3)
-                self.bn2 = tnn.BatchNorm2d(planes)
-                self.conv3 = tnn.Conv2d(planes, out, 1, bias=False)
-                self.bn3 = tnn.BatchNorm2d(out)
-            else:
-                self.conv1 = tnn.Conv2d(inplanes, planes, stride=stride, **conv3)
-                self.bn1 = tnn.BatchNorm2d(planes)
-                self.conv2 = tnn.Conv2d(planes, planes, **conv3)
-                self.bn2 = tnn.BatchNorm2d(planes)
-            self.downsample = downsample
-            self.bottleneck = bottleneck
-
-        def forward(self, x):
-            out = torch.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            if self.bottleneck:
-                out = self.bn3(self.conv3(torch.relu(out)))
-            identity = x if self.downsample is None else self.downsample(x)
-            return torch.relu(out + identity)
-
-    class TorchResNet(tnn.Module):
-        """torchvision ResNet layout: conv1, bn1, relu, maxpool, layer1..4, avgpool, fc."""
-
-        def __init__(self, stage_sizes, bottleneck, width=64, dilate_last=False):
-            super().__init__()
-            exp = 4 if bottleneck else 1
-            self.conv1 = tnn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-            self.bn1 = tnn.BatchNorm2d(width)
-            self.relu = tnn.ReLU()
-            self.maxpool = tnn.MaxPool2d(3, stride=2, padding=1)
-            inplanes, dilation = width, 1
-            for k, n in enumerate(stage_sizes):
-                planes, stride, previous = width * 2**k, 1 if k == 0 else 2, dilation
-                if dilate_last and k == len(stage_sizes) - 1:
-                    dilation, stride = dilation * stride, 1
-                down = None
-                if stride != 1 or inplanes != planes * exp:
-                    down = tnn.Sequential(
-                        tnn.Conv2d(inplanes, planes * exp, 1, stride=stride, bias=False),
-                        tnn.BatchNorm2d(planes * exp),
-                    )
-                blocks = [TorchBlock(inplanes, planes, stride, previous, bottleneck, down)]
-                blocks += [
-                    TorchBlock(planes * exp, planes, 1, dilation, bottleneck, None)
-                    for _ in range(n - 1)
-                ]
-                setattr(self, f"layer{k + 1}", tnn.Sequential(*blocks))
-                inplanes = planes * exp
-            self.avgpool = tnn.AdaptiveAvgPool2d(1)
-            self.fc = tnn.Linear(inplanes, 10)
-
-        def features(self, x, num_stages=4):
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            for k in range(num_stages):
-                x = getattr(self, f"layer{k + 1}")(x)
-            return x
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"))
+    from torch_resnet import ResNet as TorchResNet
 
     class TorchVGG(tnn.Module):
         """torchvision VGG layout: ``features`` (conv, ReLU, …, max-pool) and ``classifier``."""
@@ -265,8 +202,10 @@ def test_vgg_matches_torch(pool5):
 def cirtorch_checkpoint(torch_model, pooling, out_dim, seed=0):
     """A cirtorch-style checkpoint: features.<i> children, pool.p, whiten, meta."""
     rng = np.random.default_rng(seed)
-    features = tnn.Sequential(*list(torch_model.children())[:-2])
-    channels = torch_model.fc.in_features
+    trunk = [m for name, m in torch_model.named_children() if name not in ("avgpool", "fc")]
+    features = tnn.Sequential(*trunk)
+    last = torch_model.layer4[-1]
+    channels = (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
     state = {f"features.{k}": v for k, v in features.state_dict().items()}
     p_shape = (channels,) if pooling == "gemmp" else (1,)
     state["pool.p"] = torch.from_numpy(rng.uniform(2.0, 4.0, size=p_shape).astype(np.float32))
