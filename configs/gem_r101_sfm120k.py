@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.name = "sfm120k"
     c.data.manual_dir = ""
     c.model.backbone = "resnet101"
+    c.model.backbone_kwargs = {}  # full width; BatchNorm frozen, as when fine-tuning ImageNet weights
+    c.model.frozen_bn = True
     c.train.update(
         dict(
             epochs=100,

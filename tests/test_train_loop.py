@@ -115,9 +115,10 @@ def test_corrupt_checkpoint_gives_a_clear_error_and_keeps_the_previous_one(confi
 
 
 def test_trainable_batchnorm_reaches_the_backbone(config, tmp_path):
-    """``model.frozen_bn=False`` trains with batch statistics and updates the running ones; the
-    default builds a backbone whose BatchNorm always uses them."""
+    """``model.frozen_bn=False`` (the synthetic config's default) trains with batch statistics
+    and updates the running ones; ``True`` builds a backbone whose BatchNorm always uses them."""
     c = copy.deepcopy(config)
+    c.model.frozen_bn = True
     assert build_model(c)[0].backbone_kwargs["frozen_bn"] is True
     c.train.update(dict(epochs=1, validate_every=0))
     c.whitening.fit = False
@@ -128,3 +129,17 @@ def test_trainable_batchnorm_reaches_the_backbone(config, tmp_path):
     trained = _params(tmp_path / "run")["state"]["batch_stats"]
     moved = jax.tree.map(lambda a, b: not np.allclose(a, b), initial["batch_stats"], trained)
     assert all(jax.tree.leaves(moved))
+
+
+def test_paper_recipe_config():
+    """configs/gem_r101_sfm120k.py keeps the paper's settings, not the synthetic config's
+    from-scratch ones it starts from (half width, trained BatchNorm, lr 1e-3)."""
+    c = load_config(str(ROOT / "configs" / "gem_r101_sfm120k.py"))
+    assert (c.model.backbone, dict(c.model.backbone_kwargs), c.model.frozen_bn) == (
+        "resnet101",
+        {},
+        True,
+    )
+    t = c.train
+    assert (t.image_size, t.margin, t.lr, t.num_negatives) == (362, 0.85, 5e-7, 5)
+    assert (t.query_size, t.pool_size, t.batch_tuples * t.accum_steps) == (2000, 22000, 5)
