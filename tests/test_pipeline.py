@@ -73,12 +73,18 @@ def test_main_job_end_to_end(tmp_path):
         f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
         "from test_pipeline import tiny_config\n"
         f"sys.path.insert(0, {str(REPO / 'experiments')!r})\n"
-        "import dsm_stage\n"
+        "import dsm_stage, retrieve_local, selective_stage\n"
+        "from test_local import TINY_LOCAL\n"
         f"def get_config():\n    c = tiny_config(pathlib.Path({str(tmp_path / 'data')!r}))\n"
-        "    c.stages = ('diffusion', 'dsm')\n"
+        "    c.stages = ('diffusion', 'dsm', 'local', 'selective')\n"
         "    c.dsm = dsm_stage.default_config()\n"
         "    c.dsm.update(dict(scales=(1.0, 0.5), max_side=64, query_pad_multiple=64,\n"
         "                      max_features=64, top=10, max_correspondences=256))\n"
+        "    c.local = retrieve_local.default_config()\n"
+        "    c.local.update(TINY_LOCAL)\n"
+        "    c.selective = selective_stage.default_config()\n"
+        "    c.selective.update(dict(scale=1.0, d=8, k=4, drop=8, masks=('sum',)))\n"
+        "    c.selective.hashing.update(dict(bits=(8,), methods=('itq',)))\n"
         "    return c\n"
     )
     sys.path.insert(0, str(REPO / "experiments"))
@@ -97,6 +103,12 @@ def test_main_job_end_to_end(tmp_path):
         "hybrid",
         "DSM",
         "DSM + diffusion",
+        "HOW + ASMK★",
+        "HOW + ASMK★ + HQE",
+        "SPoC",
+        "MAC",
+        "SUM-mask + Temb + democratic (24-D)",
+        "ITQ, 8 bits (SUM-mask)",
     ]
     assert metrics["config"]["diffusion"]["k"] > 0  # the stage's defaults joined the config
     saved = json.loads((workdir / "metrics.json").read_text())
