@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.model = ml_collections.ConfigDict(
         dict(
+            kind="global",
             backbone="resnet18",
             backbone_kwargs={"width": 32},
             pooling="gem",

@@ -35,6 +35,7 @@ from jret.evaluate import evaluate_revisited, ranks_from_ids
 from jret.models import RetrievalNet, build_backbone
 from jret.qe import hqe
 from jret.search import knn
+from jret.train.checkpoint import load_export
 from jret.whitening import pca_whiten_learn
 
 ROW = "HOW + ASMK★"
@@ -56,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             weights="",  # a HOW checkpoint (.pth / .npz); empty: the main job's backbone
+            checkpoint="",  # or a HOW network trained by train_global.py (<workdir>/checkpoints)
             num_stages=3,  # ResNet stages kept (3: HOW's ¬R50 trunk); None: the whole backbone
             dim=128,
             scales=(0.707,),
@@ -102,12 +104,22 @@ def training_images(config, root: Path, count: int) -> list[Path]:
 
 
 def how_network(config, model: RetrievalNet, variables: dict) -> tuple[local.HOWNet, dict, bool]:
-    """The HOW network: from ``local.weights`` (a HOW checkpoint), or the main job's backbone
+    """The HOW network: from ``local.checkpoint`` (trained by ``experiments/train_global.py``),
+    ``local.weights`` (a released HOW checkpoint), or the main job's backbone
     (cut to ``local.num_stages``) with a whitening still to be fitted.
 
     Returns ``(net, variables, whitening_loaded)``.
     """
     lcfg = config.local
+    if lcfg.get("checkpoint"):
+        net, how_vars, meta = load_export(lcfg.checkpoint)
+        if not isinstance(net, local.HOWNet):
+            raise ValueError(
+                f"local.checkpoint: {lcfg.checkpoint} holds a {meta.get('kind')} network, "
+                "expected one trained with model.kind='how'"
+            )
+        print(f"HOW: trained by experiments/train_global.py ({lcfg.checkpoint})")
+        return net, how_vars, True
     if lcfg.weights:
         how_vars, meta = local.how_to_flax(lcfg.weights)
         print(f"HOW: checkpoint {lcfg.weights} ({meta.get('architecture')})")
@@ -318,7 +330,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
 
     dataset, root = pipeline.load_test_set(config)
-    if config.local.weights:  # GeM on the HOW checkpoint's backbone
+    if config.local.weights or config.local.get("checkpoint"):  # GeM on the HOW backbone
         net, how_vars, _ = how_network(config, None, None)
         model = RetrievalNet(
             backbone=net.backbone, backbone_kwargs=net.backbone_kwargs, p=config.model.p

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -211,10 +211,47 @@ def extract_global(
     Returns float32 ℓ2-normalised descriptors ``(N, D)``.
     """
     model, variables = unbind_model(params, model)
-    check_extract_args(images, bboxes, scales, batch_size, pad_multiple, window)
-    pad = pad_value(model)
     forward = jax.jit(lambda v, x, m: model.apply(v, x, mask=m))
     power = multiscale_power(model, variables)
+    return describe_images(
+        forward,
+        variables,
+        images,
+        scales,
+        lambda per_scale: combine_scales(per_scale, power),
+        bboxes=bboxes,
+        max_side=max_side,
+        crop_mode=crop_mode,
+        batch_size=batch_size,
+        pad_multiple=pad_multiple,
+        window=window,
+        pad=pad_value(model),
+        progress=progress,
+        validate=validate,
+    )
+
+
+def describe_images(
+    forward: Callable[[Any, np.ndarray, np.ndarray], jax.Array],
+    variables: Any,
+    images: Sequence[ImageLike],
+    scales: Sequence[float],
+    combine: Callable[[jax.Array], jax.Array],
+    *,
+    bboxes: Sequence[Sequence[float] | None] | None,
+    max_side: int | None,
+    crop_mode: str,
+    batch_size: int,
+    pad_multiple: int,
+    window: int,
+    pad: np.ndarray,
+    progress: bool | None,
+    validate: bool,
+) -> np.ndarray:
+    """The loop every global extractor shares: per window of prepared images and per scale,
+    ``forward(variables, images (B, H, W, 3), mask (B, H, W)) -> (B, D)`` batched by padded
+    size, then ``combine((S, n, D)) -> (n, D)`` over the scales. Returns ``(N, D)`` float32."""
+    check_extract_args(images, bboxes, scales, batch_size, pad_multiple, window)
     result = None
     bar = tqdm(total=len(images), desc="extract", disable=not _show(progress, len(images)))
     for first, prepared in prepared_windows(images, bboxes, max_side, crop_mode, window, validate):
@@ -222,7 +259,7 @@ def extract_global(
             _describe(forward, variables, prepared, s, batch_size, pad_multiple, pad)
             for s in scales
         ]
-        desc = np.asarray(combine_scales(jnp.asarray(np.stack(per_scale)), power))
+        desc = np.asarray(combine(jnp.asarray(np.stack(per_scale))))
         if result is None:
             result = np.zeros((len(images), desc.shape[1]), np.float32)
         result[first : first + len(prepared)] = desc

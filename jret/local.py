@@ -40,6 +40,7 @@ from jret.extract import (
     _describe,
     _show,
     check_extract_args,
+    describe_images,
     pad_value,
     prepared_windows,
     unbind_model,
@@ -222,12 +223,16 @@ class HOWNet(nn.Module):
         u_bar, w, fmask = self.smoothed(x, mask, train)
         return self.whiten(u_bar), w, fmask
 
+    def pooled(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+        """The attention-weighted sum ``Σ_p w(u_p) o(ū_p)`` ``(N, d)``, before ℓ2 (SPEC §2.5)."""
+        o, w, fmask = self.local(x, mask, train)
+        return weighted_spoc(o, w, fmask)
+
     def __call__(
         self, x: jax.Array, mask: jax.Array | None = None, train: bool = False
     ) -> jax.Array:
         """Training head: ℓ2-normalised ``Z (N, d)`` of images ``(N, H, W, 3)`` in [0, 1]."""
-        o, w, fmask = self.local(x, mask, train)
-        return l2n(weighted_spoc(o, w, fmask))
+        return l2n(self.pooled(x, mask, train))
 
 
 def init_how_net(
@@ -404,6 +409,46 @@ def extract_local(
     if validate:
         check_finite(out.des, "descriptors")
     return out
+
+
+def extract_how_global(
+    params: Any,
+    images: Sequence[np.ndarray | str | os.PathLike],
+    scales: Sequence[float] = HOW_SCALES,
+    *,
+    model: HOWNet | None = None,
+    bboxes: Sequence[Sequence[float] | None] | None = None,
+    max_side: int | None = 1024,
+    crop_mode: str = "python",
+    batch_size: int = 8,
+    pad_multiple: int = 32,
+    window: int = 256,
+    progress: bool | None = None,
+    validate: bool = True,
+) -> np.ndarray:
+    """HOW's global descriptor ``(N, d)``: the training head over several scales, the
+    attention-weighted sums of every scale added, then one ℓ2 (HOW's global baseline, SPEC §2.5;
+    default the 7 scales of :data:`HOW_SCALES`). Arguments as :func:`extract_local`; used to
+    validate HOW training and as a global baseline next to ASMK★.
+    """
+    model, variables = unbind_model(params, model, HOWNet)
+    forward = jax.jit(lambda v, x, m: model.apply(v, x, m, method=HOWNet.pooled))
+    return describe_images(
+        forward,
+        variables,
+        images,
+        scales,
+        lambda per_scale: l2n(jnp.sum(per_scale, axis=0)),
+        bboxes=bboxes,
+        max_side=max_side,
+        crop_mode=crop_mode,
+        batch_size=batch_size,
+        pad_multiple=pad_multiple,
+        window=window,
+        pad=pad_value(model),
+        progress=progress,
+        validate=validate,
+    )
 
 
 def smoothed_descriptors(

@@ -143,6 +143,27 @@ def test_how_trains_with_the_shared_train_step(variables):
     assert not any(jax.tree.leaves(moved["whiten"]))
 
 
+def test_how_global_descriptor_sums_the_scales_before_l2(variables):
+    """:func:`local.extract_how_global`: one scale is the training head; several add the
+    per-scale weighted sums and normalise once (SPEC §2.5)."""
+    rng = np.random.default_rng(3)
+    images = [rng.uniform(size=(40, 56, 3)).astype(np.float32) for _ in range(2)]
+    opts = dict(model=MODEL, max_side=None, pad_multiple=1, progress=False)
+    one = local.extract_how_global(variables, images, (1.0,), **opts)
+    head = np.stack([np.asarray(MODEL.apply(variables, im[None]))[0] for im in images])
+    np.testing.assert_allclose(one, head, atol=1e-5)
+    two = local.extract_how_global(variables, images, (1.0, 0.5), **opts)
+    for im, got in zip(images, two, strict=True):
+        small = _resize(im, (20, 28), antialias=False)
+        total = sum(
+            np.asarray(MODEL.apply(variables, x[None], method=local.HOWNet.pooled))[0].astype(
+                np.float64
+            )
+            for x in (im, small)
+        )
+        np.testing.assert_allclose(got, total / np.linalg.norm(total), atol=1e-5)
+
+
 def test_set_how_whitening(variables):
     u_bar = RNG.normal(size=(100, 64)).astype(np.float32)
     wh = pca_whiten_learn(u_bar, dims=8)

@@ -143,3 +143,44 @@ def test_paper_recipe_config():
     t = c.train
     assert (t.image_size, t.margin, t.lr, t.num_negatives) == (362, 0.85, 5e-7, 5)
     assert (t.query_size, t.pool_size, t.batch_tuples * t.accum_steps) == (2000, 22000, 5)
+
+
+def test_how_trains_in_the_loop(config, tmp_path):
+    """``model.kind='how'``: the reduction layer starts as the PCA whitening of training
+    descriptors and stays frozen, the backbone trains, validation ranks by HOW's global head, and
+    the export (no Lw) loads as a HOWNet for local extraction."""
+    from jret import local
+    from jret.train.loop import init_how_whitening, training_source
+
+    c = copy.deepcopy(config)
+    c.model.update(dict(kind="how", dim=8, whitening_images=8))
+    c.model.backbone_kwargs = {"stage_sizes": (1, 1, 1, 1), "width": 4, "num_stages": 3}
+    c.train.update(dict(epochs=1, validate_every=1))
+    model, initial = build_model(c)
+    assert isinstance(model, local.HOWNet) and model.dim == 8
+    initial = init_how_whitening(c, model, initial, training_source(c, "train"))
+    out = train(c, tmp_path / "run", log=lambda *_: None)
+    assert [r["epoch"] for r in out["history"]] == [0, 1]
+    assert all(0.0 <= r["val_medium"] <= 1.0 for r in out["history"])
+    exported, variables, meta = load_export(tmp_path / "run" / "checkpoints")
+    assert isinstance(exported, local.HOWNet) and meta["kind"] == "how" and not meta["whitening"]
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(
+            variables["params"]["whiten"][name], initial["params"]["whiten"][name]
+        )
+    moved = jax.tree.map(
+        lambda a, b: not np.allclose(a, b),
+        initial["params"]["features"],
+        variables["params"]["features"],
+    )
+    assert all(jax.tree.leaves(moved))
+    image = np.random.default_rng(0).uniform(size=(48, 48, 3)).astype(np.float32)
+    feats = local.extract_local(exported.bind(variables), [image], (1.0,), n=5, progress=False)
+    assert feats.des.shape == (1, 5, 8) and bool(feats.mask.any())
+
+
+def test_unknown_model_kind_is_named(config):
+    c = copy.deepcopy(config)
+    c.model.kind = "delf"
+    with pytest.raises(ValueError, match="model.kind: expected one of"):
+        build_model(c)

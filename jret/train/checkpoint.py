@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jret.local import HOWNet
 from jret.models import RetrievalNet, set_whitening
 from jret.whitening import Whitening
 
@@ -141,7 +142,8 @@ class Checkpoints:
 
 def load_export(directory: str | os.PathLike, whiten: bool = True) -> tuple[Any, dict, dict]:
     """``(model, variables, meta)`` of a run's exported network, ready for
-    :func:`jret.extract.extract_global`.
+    :func:`jret.extract.extract_global` (a :class:`~jret.models.RetrievalNet`), or for
+    :func:`jret.local.extract_local` when the run trained HOW (a :class:`~jret.local.HOWNet`).
 
     ``directory`` is the run's checkpoint folder (``<workdir>/checkpoints``) or its
     ``export/`` subfolder. With ``whiten`` (default) and a stored whitening, the network gets a
@@ -172,6 +174,15 @@ def load_export(directory: str | os.PathLike, whiten: bool = True) -> tuple[Any,
     finally:
         manager.close()
     meta, tree = out["meta"], out["state"]
+    if meta.get("kind") == "how":
+        model = HOWNet(
+            backbone=meta["architecture"],
+            backbone_kwargs=meta.get("backbone_kwargs") or None,
+            dim=meta["dim"],
+            mean=None if meta["mean"] is None else tuple(meta["mean"]),
+            std=None if meta["std"] is None else tuple(meta["std"]),
+        )
+        return model, tree["variables"], meta
     model = RetrievalNet(
         backbone=meta["architecture"],
         backbone_kwargs=meta.get("backbone_kwargs") or None,

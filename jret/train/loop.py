@@ -6,8 +6,11 @@ the current network at the training image size, mine ``num_negatives`` hard nega
 (:func:`jret.train.mining.mine_hard_negatives`), then take one optimiser step per ``A × B``
 tuples. Checkpoints are written every ``save_every_steps`` steps and at the end of every epoch
 (with the epoch's tuples, so a run resumed mid-epoch continues exactly); the validation mAP on
-the revisited protocol selects the best state. After the last epoch the learned whitening Lw is
-fitted on the training pairs with the best network and exported with it.
+the revisited protocol selects the best state. After the last epoch the best network is
+exported, a global one with the learned whitening Lw fitted on the training pairs
+(``whitening.fit``). ``model.kind='how'`` trains HOW (Tolias et al., ECCV 2020; SPEC §5.1) in the
+same loop: its reduction layer is initialised by PCA whitening of training descriptors and
+frozen, the loss is taken on its global head, and validation ranks by that head.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jret import local
 from jret.data import revisited, synthetic
 from jret.data.loader import Augment, TrainSource, iterate_images, load_train_source
 from jret.data.tuples import make_tuples, sample_epoch, tuple_labels
 from jret.evaluate import evaluate_revisited, ranks_from_ids
 from jret.extract import extract_global
-from jret.models import RetrievalNet, convert, init_retrieval_net
+from jret.models import RetrievalNet, build_backbone, convert, init_retrieval_net
 from jret.models.resnet import RESNET_CONFIGS
 from jret.search import knn
 from jret.train import optim
@@ -124,47 +128,84 @@ def step_batches(
         }
 
 
-def build_model(config) -> tuple[RetrievalNet, dict]:
-    """The RetrievalNet of ``config.model`` and its initial variables: converted torchvision
+MODEL_KINDS = ("global", "how")
+
+
+def model_kind(config) -> str:
+    """``config.model.kind``: ``'global'`` (a RetrievalNet, the default) or ``'how'`` (a HOWNet
+    trained through its global head, SPEC §5.1)."""
+    kind = config.model.get("kind", "global")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model.kind: expected one of {MODEL_KINDS}, got {kind!r}")
+    return kind
+
+
+def build_model(config) -> tuple[RetrievalNet | local.HOWNet, dict]:
+    """The network of ``config.model`` and its initial variables: converted torchvision
     weights when ``model.weights`` names a file, else random from the seed. A ResNet's
-    BatchNorm follows ``model.frozen_bn`` (batch statistics in training when False)."""
+    BatchNorm follows ``model.frozen_bn`` (batch statistics in training when False). A HOWNet
+    (``model.kind='how'``, ``model.dim`` = d) still needs its reduction layer
+    (:func:`init_how_whitening`)."""
     m = config.model
     backbone_kwargs = dict(m.get("backbone_kwargs", {}) or {})
     if m.backbone in RESNET_CONFIGS:
         backbone_kwargs.setdefault("frozen_bn", bool(m.frozen_bn))
-    kwargs = dict(
-        backbone=m.backbone,
-        backbone_kwargs=backbone_kwargs,
-        pooling=m.pooling,
-        p=m.p,
-    )
-    model = RetrievalNet(**kwargs)
-    variables = init_retrieval_net(jax.random.key(config.seed), **kwargs)
+    key = jax.random.key(config.seed)
+    if model_kind(config) == "how":
+        how = dict(
+            backbone=m.backbone, backbone_kwargs=backbone_kwargs, dim=m.get("dim", local.DIM)
+        )
+        model, variables = local.HOWNet(**how), local.init_how_net(key, **how)
+    else:
+        kwargs = dict(
+            backbone=m.backbone, backbone_kwargs=backbone_kwargs, pooling=m.pooling, p=m.p
+        )
+        model, variables = RetrievalNet(**kwargs), init_retrieval_net(key, **kwargs)
     if m.get("weights"):
         if m.weights_format != "torchvision":
             raise ValueError(
                 f"model.weights_format: training starts from torchvision weights, got "
                 f"{m.weights_format!r}"
             )
-        loaded = convert.torchvision_to_flax(convert.load_state_dict(m.weights), m.backbone)
-        variables = {**loaded, "params": {**loaded["params"], "p": variables["params"]["p"]}}
+        trunk = build_backbone(m.backbone, **backbone_kwargs)
+        state = convert.load_state_dict(m.weights)
+        loaded = convert.torchvision_to_flax(
+            state, trunk, strict="num_stages" not in backbone_kwargs
+        )
+        variables = {**loaded, "params": {**variables["params"], **loaded["params"]}}
     return model, variables
 
 
-def model_meta(model: RetrievalNet, params: Any) -> dict:
+def init_how_whitening(config, model: local.HOWNet, variables: dict, source: TrainSource) -> dict:
+    """HOW's reduction layer before training: PCA-whitening with shrinkage 1 of the smoothed
+    descriptors (the strongest 1000 per image, single scale) of the first
+    ``model.whitening_images`` training images at the training size (SPEC §5.1; frozen after)."""
+    n = min(int(config.model.get("whitening_images", 1000)), len(source))
+    size = config.train.image_size
+    images = [source.images.image(i) for i in range(n)]
+    whitening = local.learn_whitening(
+        variables, images, model=model, max_side=size, pad_multiple=size, progress=False
+    )
+    return local.set_how_whitening(variables, whitening)
+
+
+def model_meta(model: RetrievalNet | local.HOWNet, params: Any) -> dict:
     """cirtorch-style ``meta`` describing the network of a checkpoint (SPEC §4.7)."""
-    return {
+    meta = {
         "architecture": model.backbone,
         "backbone_kwargs": dict(model.backbone_kwargs or {}),
-        "pooling": model.pooling,
-        "p": float(np.asarray(params["p"])) if "p" in params else None,
         "mean": list(model.mean) if model.mean is not None else None,
         "std": list(model.std) if model.std is not None else None,
     }
+    if isinstance(model, local.HOWNet):
+        return {**meta, "kind": "how", "pooling": "how", "p": None, "dim": model.dim}
+    p = float(np.asarray(params["p"])) if "p" in params else None
+    return {**meta, "kind": "global", "pooling": model.pooling, "p": p}
 
 
-def validate(config, model: RetrievalNet, state: TrainState) -> dict:
-    """Revisited-protocol results of the network on the validation benchmark (single scale)."""
+def validate(config, model: RetrievalNet | local.HOWNet, state: TrainState) -> dict:
+    """Revisited-protocol results of the network on the validation benchmark (``val.scales``):
+    its global descriptors, HOW's global head for a HOWNet (:func:`jret.local.extract_how_global`)."""
     v = config.val
     dataset = revisited.load_revisited(v.root, v.name)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
@@ -179,8 +220,9 @@ def validate(config, model: RetrievalNet, state: TrainState) -> dict:
     db = [dataset.image_path(i) for i in range(len(dataset.imlist))]
     qs = [dataset.query_path(i) for i in range(len(dataset.qimlist))]
     boxes = [dataset.query_bbox(i) for i in range(len(qs))]
-    X = extract_global(variables, db, **extract)
-    Q = extract_global(variables, qs, bboxes=boxes, **extract)
+    describe = local.extract_how_global if isinstance(model, local.HOWNet) else extract_global
+    X = describe(variables, db, **extract)
+    Q = describe(variables, qs, bboxes=boxes, **extract)
     _, ids = knn(Q, X, k=len(X))
     return evaluate_revisited(ranks_from_ids(np.asarray(ids)), dataset.gnd)
 
@@ -229,6 +271,10 @@ def train(config, workdir: str | Path, stop_after: int | None = None, log=print)
     mesh = make_mesh(t.num_devices or None) if t.data_parallel else None
     source = training_source(config, "train")
     model, variables = build_model(config)
+    ckpt = Checkpoints(workdir / "checkpoints", keep=t.keep_checkpoints)
+    how = isinstance(model, local.HOWNet)
+    if how and ckpt.latest_step() is None:
+        variables = init_how_whitening(config, model, variables, source)
     per_step = t.accum_steps * t.batch_tuples
     steps_per_epoch = min(t.query_size, len(source.qidxs)) // per_step
     if steps_per_epoch < 1:
@@ -245,10 +291,9 @@ def train(config, workdir: str | Path, stop_after: int | None = None, log=print)
         steps_per_epoch=steps_per_epoch,
         lr_epoch_offset=t.lr_epoch_offset,
         gem_lr_mult=t.gem_lr_mult,
-        frozen=tuple(t.frozen),
+        frozen=tuple(t.frozen) + (local.FROZEN if how else ()),
     )
     state = create_train_state(variables, tx, config.seed)
-    ckpt = Checkpoints(workdir / "checkpoints", keep=t.keep_checkpoints)
     epoch, start, tuples, history = 0, 0, None, []
     if ckpt.latest_step() is not None:
         restored = ckpt.restore(target=jax.device_get(state))
@@ -331,15 +376,17 @@ def train(config, workdir: str | Path, stop_after: int | None = None, log=print)
         ckpt.save(int(state.step), jax.device_get(state), meta())
         log(_epoch_line(record))
     best = ckpt.best_metric()
-    if config.whitening.fit and ckpt.best.best_step() is not None:
+    if ckpt.best.best_step() is not None:
         restored = ckpt.restore(which="best", target=jax.device_get(state))
         best_state = restored["state"]
         variables = {"params": best_state.params, "batch_stats": best_state.batch_stats}
-        whitening = fit_whitening(config, model, variables, source)
+        lw = config.whitening.fit and not how  # HOW's whitening is its frozen reduction layer
+        whitening = fit_whitening(config, model, variables, source) if lw else None
         ckpt.export(variables, whitening, restored["meta"])
         log(
-            f"exported the best network (validation M {100 * best:.2f}) with Lw to "
-            f"{ckpt.directory / 'export'}"
+            f"exported the best network (validation M {100 * best:.2f})"
+            + (" with Lw" if lw else "")
+            + f" to {ckpt.directory / 'export'}"
         )
     ckpt.close()
     return {"history": history, "best_map": best, "interrupted": False}
