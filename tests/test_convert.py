@@ -5,6 +5,7 @@ otherwise the torchvision-layout ResNet of experiments/benchmarks/torch_resnet.p
 VGG below, built with torchvision's module and parameter names).
 """
 
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -41,8 +42,13 @@ TINY_R18 = {"stage_sizes": (1, 1, 1, 1), "width": 4}
 TINY_VGG = ((4,), (8,), (8, 8))
 
 if torch is not None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"))
-    from torch_resnet import ResNet as TorchResNet
+    _spec = importlib.util.spec_from_file_location(
+        "jret_benchmarks_torch_resnet",
+        Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "torch_resnet.py",
+    )
+    _torch_resnet = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_torch_resnet)
+    TorchResNet = _torch_resnet.ResNet
 
     class TorchVGG(tnn.Module):
         """torchvision VGG layout: ``features`` (conv, ReLU, …, max-pool) and ``classifier``."""

@@ -24,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(
+    str(Path(__file__).resolve().parent)
+)  # for common.py; last, so asmk.py shadows nothing
 import common  # noqa: E402
 
 SCRIPT = "experiments/benchmarks/hamming.py"

@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(
+    str(Path(__file__).resolve().parent)
+)  # for common.py; last, so asmk.py shadows nothing
 from common import (  # noqa: E402
     PeakRSS,
     command_line,

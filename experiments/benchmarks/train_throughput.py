@@ -37,7 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(
+    str(Path(__file__).resolve().parent)
+)  # for common.py; last, so asmk.py shadows nothing
 from common import command_line, markdown_head, run_info, write_results  # noqa: E402
 
 SUITES = {
