@@ -18,6 +18,7 @@ a validity mask so that few shapes are compiled (``pad_multiple=1`` runs every s
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import defaultdict
@@ -81,11 +82,29 @@ def _shrink_factor(full_hw: tuple[int, int], max_side: int | None) -> float:
     return min(1.0, max_side / max(full_hw))
 
 
+@functools.lru_cache(maxsize=1024)
+def _bilinear_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
+    """``(n_out, n_in)`` weights of bilinear resampling with half-pixel centres, rows summing to
+    1; when shrinking with ``antialias`` the triangle kernel widens by the shrink factor. The
+    weights of ``jax.image.resize(..., 'bilinear')``, computed on the host: one program per
+    image size would otherwise be compiled."""
+    scale = n_out / n_in
+    support = max(1.0 / scale, 1.0) if antialias else 1.0
+    centre = (np.arange(n_out) + 0.5) / scale - 0.5
+    w = np.maximum(0.0, 1.0 - np.abs(centre[:, None] - np.arange(n_in)[None, :]) / support)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(total > 1000 * np.finfo(np.float32).eps, w / np.where(total > 0, total, 1), 0)
+    inside = (centre >= -0.5) & (centre <= n_in - 0.5)
+    return np.where(inside[:, None], w, 0.0).astype(np.float32)
+
+
 def _resize(img: np.ndarray, hw: tuple[int, int], antialias: bool) -> np.ndarray:
+    """Bilinear resize of an ``(H, W, C)`` image to ``hw`` (separable, rows then columns)."""
     if tuple(img.shape[:2]) == tuple(hw):
         return img
-    out = jax.image.resize(jnp.asarray(img), (*hw, img.shape[2]), "bilinear", antialias=antialias)
-    return np.asarray(out)
+    (H, W, C), (h, w) = img.shape, hw
+    rows = _bilinear_weights(H, h, antialias) @ np.asarray(img, np.float32).reshape(H, W * C)
+    return np.matmul(_bilinear_weights(W, w, antialias), rows.reshape(h, W, C))
 
 
 def prepare_image(

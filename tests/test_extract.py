@@ -140,3 +140,18 @@ def test_bad_input(net):
         extract.extract_global(variables, [np.zeros((8, 8), np.float32)], model=model)
     with pytest.raises(FileNotFoundError):
         extract.extract_global(variables, ["missing.jpg"], model=model)
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [((97, 131), (33, 120)), ((64, 64), (90, 77)), ((256, 340), (181, 240)), ((13, 9), (1, 1))],
+)
+def test_host_resize_matches_jax_image_resize(src, dst, antialias):
+    """``_resize`` (host-side separable weights, no compilation per size) reproduces
+    ``jax.image.resize(..., 'bilinear')``, shrinking and enlarging, with and without antialias."""
+    img = np.random.default_rng(0).uniform(size=(*src, 3)).astype(np.float32)
+    ref = jax.image.resize(jnp.asarray(img), (*dst, 3), "bilinear", antialias=antialias)
+    got = extract._resize(img, dst, antialias)
+    assert got.dtype == np.float32 and got.shape == (*dst, 3)
+    np.testing.assert_allclose(got, np.asarray(ref), atol=1e-4)
