@@ -46,6 +46,12 @@ class PeakRSS:
         self.delta = self.peak - self.base
 
 
+def single_xla_thread() -> None:
+    """Keep XLA's CPU backend on one thread; call before JAX creates its CPU client."""
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
+
 def xla_work_mb(fn: Callable, *args) -> float:
     """MiB that XLA allocates for ``jit(fn)(*args)`` besides the inputs: temporaries + output."""
     import jax

@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     command_line,
     markdown_head,
     run_info,
+    single_xla_thread,
     time_round_robin,
     write_results,
     xla_work_mb,
@@ -315,9 +316,7 @@ def markdown(args: argparse.Namespace, command: str, rows: list[dict], info: dic
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.single_thread:
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-        ).strip()
+        single_xla_thread()
     if args.suite == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     command = command_line("experiments/benchmarks/knn.py", argv)

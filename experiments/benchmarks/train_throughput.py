@@ -40,7 +40,13 @@ from torch import nn
 sys.path.append(
     str(Path(__file__).resolve().parent)
 )  # for common.py; last, so asmk.py shadows nothing
-from common import command_line, markdown_head, run_info, write_results  # noqa: E402
+from common import (  # noqa: E402
+    command_line,
+    markdown_head,
+    run_info,
+    single_xla_thread,
+    write_results,
+)
 
 SUITES = {
     "cpu": ("resnet18:96:1", "resnet50:128:1"),
@@ -551,9 +557,7 @@ def gpu_visible() -> bool:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.single_thread:
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-        ).strip()
+        single_xla_thread()
         torch.set_num_threads(1)
     if args.suite == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
