@@ -153,9 +153,11 @@ def test_eval_step_and_bad_batches():
         train_step(state, bad, model=model, tx=optax.sgd(0.1))
 
 
-def test_data_parallel_on_eight_simulated_devices_equals_one_device():
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_data_parallel_on_eight_simulated_devices_equals_one_device(train_bn):
+    """Also with BatchNorm trained: its batch statistics are those of the whole sharded batch."""
     code = textwrap.dedent(
-        """
+        f"""
         import jax, numpy as np
         from tests.test_train_step import tiny_model, tiny_batch
         from jret.train import optim
@@ -163,6 +165,9 @@ def test_data_parallel_on_eight_simulated_devices_equals_one_device():
         from jret.train.state import create_train_state, jit_train_step
         assert len(jax.devices()) == 8
         model, variables = tiny_model()
+        train_bn = {train_bn}
+        if train_bn:
+            model = model.clone(backbone_kwargs={{**model.backbone_kwargs, "frozen_bn": False}})
         # SGD + momentum (linear in the gradient); Adam divides by √v and would amplify
         # summation-order differences of near-zero gradients far above float32 resolution
         tx = optim.make_optimizer(variables["params"], optimizer="sgd", lr=1e-2, weight_decay=1e-4)
@@ -170,15 +175,19 @@ def test_data_parallel_on_eight_simulated_devices_equals_one_device():
         outs = []
         for n in (1, 8):
             mesh = make_mesh(n)
-            step = jit_train_step(mesh, model=model, tx=tx, margin=0.7)
+            step = jit_train_step(mesh, model=model, tx=tx, margin=0.7, train_bn=train_bn)
             state = replicate(create_train_state(jax.tree.map(np.array, variables), tx, 0), mesh)
             for i in range(2):
                 state, metrics = step(state, shard_batch(batch, mesh))
-            outs.append((jax.device_get(state.params), float(metrics["loss"])))
+            trained = {{"params": state.params, "batch_stats": state.batch_stats}}
+            outs.append((jax.device_get(trained), float(metrics["loss"])))
         assert abs(outs[0][1] - outs[1][1]) <= 1e-5 * max(1.0, abs(outs[0][1])), outs
         diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                                              outs[0][0], outs[1][0]))
         assert max(diffs) < 1e-5, max(diffs)
+        moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
+                                             variables["batch_stats"], outs[0][0]["batch_stats"]))
+        assert all(moved) == train_bn and any(moved) == train_bn, moved
         print("ok", outs[0][1], max(diffs))
         """
     )
