@@ -36,7 +36,6 @@ from jret.models import RetrievalNet, build_backbone
 from jret.qe import hqe
 from jret.search import knn
 from jret.train.checkpoint import load_export
-from jret.whitening import pca_whiten_learn
 
 ROW = "HOW + ASMK★"
 ROW_HQE = "HOW + ASMK★ + HQE"
@@ -176,10 +175,8 @@ def fit_codebook(config, root: Path, net, how_vars: dict, whitening_loaded: bool
     if whitening_loaded:
         train = _extract(config, net, how_vars, files, (lcfg.train_scale,))
         X = np.asarray(train.des)[np.asarray(train.mask)]
-    else:
-        rows, owner = local.smoothed_descriptors(
-            net.bind(how_vars),
-            files,
+    else:  # two passes, window by window: HOW's 5,000 × 1,000 raw descriptors never held at once
+        opts = dict(
             n=lcfg.n_features,
             scale=lcfg.train_scale,
             max_side=lcfg.max_side,
@@ -188,13 +185,18 @@ def fit_codebook(config, root: Path, net, how_vars: dict, whitening_loaded: bool
             window=lcfg.window,
             progress=True,
         )
-        w = pca_whiten_learn(rows[owner < n_whiten], shrinkage=lcfg.shrinkage, dims=net.dim)
+        w = local.learn_whitening(
+            net.bind(how_vars), files[:n_whiten], shrinkage=lcfg.shrinkage, **opts
+        )
         how_vars = local.set_how_whitening(how_vars, w)
         p = how_vars["params"]["whiten"]
-        X = np.asarray(
-            local.reduce_dim(rows[owner < lcfg.codebook_images], p["kernel"][0, 0], p["bias"])
+        windows = local.smoothed_windows(net.bind(how_vars), files[: lcfg.codebook_images], **opts)
+        X = np.concatenate(
+            [
+                np.asarray(local.reduce_dim(rows, p["kernel"][0, 0], p["bias"]))
+                for rows, _ in windows
+            ]
         )
-        info["whitening_descriptors"] = int(np.sum(owner < n_whiten))
     k = min(lcfg.codebook_size, len(X))
     centroids = codebook.kmeans(jax.random.key(config.seed), X, k, iters=lcfg.codebook_iters)
     info.update(codebook_descriptors=len(X), codebook_size=k)

@@ -56,7 +56,7 @@ from jret.models.retrieval import (
 )
 from jret.normalize import l2n
 from jret.pooling import weighted_spoc
-from jret.whitening import Whitening, pca_whiten_learn
+from jret.whitening import Whitening, pca_whiten_from_moments
 
 HOW_SCALES = (2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25)
 N_FEATURES = 1000
@@ -451,7 +451,7 @@ def extract_how_global(
     )
 
 
-def smoothed_descriptors(
+def smoothed_windows(
     params: Any,
     images: Sequence[np.ndarray | str | os.PathLike],
     *,
@@ -463,24 +463,30 @@ def smoothed_descriptors(
     pad_multiple: int = 32,
     window: int = 64,
     progress: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Single-scale smoothed descriptors ``ū`` (before the whitening) of the strongest ``n``
-    locations of each image, and the image index of each row: ``(R, D)``, ``(R,)``.
+    locations of each image, ``window`` images at a time: ``(rows (R, D), image index (R,))``.
 
     The training data of HOW's whitening ([003] L159); reduced with the whitening
     (:func:`reduce_dim`), the training data of its codebook ([003] L163). Rows are grouped by
-    image, strongest first.
+    image, strongest first. Consumed window by window, the memory does not grow with the number
+    of images.
     """
     model, variables = unbind_model(params, model, HOWNet)
     opts = _Batching(max_side, "python", batch_size, pad_multiple, window, progress, True)
     windows = _strongest_by_window(
         model, HOWNet.smoothed, variables, images, None, (scale,), n, opts, "train descriptors"
     )
-    rows, owner = [], []
     for first, sets in windows:
         image, slot = np.nonzero(sets.mask)
-        rows.append(sets.des[image, slot])
-        owner.append(first + image)
+        yield sets.des[image, slot], first + image
+
+
+def smoothed_descriptors(
+    params: Any, images: Sequence[np.ndarray | str | os.PathLike], **options: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """All of :func:`smoothed_windows` (same arguments) at once: ``(R, D)``, ``(R,)``."""
+    rows, owner = zip(*smoothed_windows(params, images, **options), strict=True)
     return np.concatenate(rows), np.concatenate(owner)
 
 
@@ -496,14 +502,22 @@ def learn_whitening(
 
     HOW ([003] L159, SPEC §5.1): single-scale descriptors of training images taken after smoothing
     and before reduction, the top ``n = 1000`` per image by attention
-    (:func:`smoothed_descriptors`, which takes ``options``: ``n``, ``scale`` (1.0), ``max_side``,
+    (:func:`smoothed_windows`, which takes ``options``: ``n``, ``scale`` (1.0), ``max_side``,
     ``batch_size``, ``pad_multiple``, ``window``, ``progress``), PCA-whitening with shrinkage
-    ``s = 1`` (eigenvalues floored at 1e-14, :func:`jret.whitening.pca_whiten_learn`), keeping the
-    model's ``dim`` directions. Apply it with :func:`set_how_whitening`.
+    ``s = 1`` (eigenvalues floored at 1e-14, :func:`jret.whitening.pca_whiten_from_moments`),
+    keeping the model's ``dim`` directions. The mean and covariance are accumulated in float64
+    window by window, so 5,000 images × 1,000 descriptors need no more memory than one window.
+    Apply it with :func:`set_how_whitening`.
     """
-    model, variables = unbind_model(params, model, HOWNet)
-    rows, _ = smoothed_descriptors(variables, images, model=model, **options)
-    return pca_whiten_learn(rows, shrinkage=shrinkage, dims=model.dim)
+    model, _ = unbind_model(params, model, HOWNet)
+    count, total, outer = 0, 0.0, 0.0
+    for rows, _ in smoothed_windows(params, images, model=model, **options):
+        rows = rows.astype(np.float64)
+        count, total, outer = count + len(rows), total + rows.sum(0), outer + rows.T @ rows
+    if count == 0:
+        raise ValueError("images: no valid descriptor to fit the whitening on")
+    m = total / count
+    return pca_whiten_from_moments(m, outer / count - np.outer(m, m), shrinkage, dims=model.dim)
 
 
 def _how_backbone(arch: str | nn.Module, backbone_dim: int | None) -> nn.Module:

@@ -77,7 +77,20 @@ def pca_whiten_learn(X: jax.Array, shrinkage: float = 1.0, dims: int | None = No
     X = _as_fit_data(X)
     m = X.mean(axis=0)
     Xc = X - m
-    lam, E = _eigh_desc(Xc.T @ Xc / X.shape[0])
+    return pca_whiten_from_moments(m, Xc.T @ Xc / X.shape[0], shrinkage, dims)
+
+
+def pca_whiten_from_moments(
+    m: np.ndarray, C: np.ndarray, shrinkage: float = 1.0, dims: int | None = None
+) -> Whitening:
+    """:func:`pca_whiten_learn` from the mean ``m (D,)`` and covariance ``C (D, D)`` of the fitting
+    descriptors, for sets too large to hold at once (accumulate ``Σx`` and ``Σxxᵀ`` in float64,
+    e.g. HOW's 5,000 training images × 1,000 descriptors)."""
+    m, C = np.asarray(m, np.float64), np.asarray(C, np.float64)
+    if m.ndim != 1 or C.shape != (m.size, m.size):
+        raise ValueError(f"m, C: expected (D,) and (D, D), got {m.shape} and {C.shape}")
+    check_finite(C, "C")
+    lam, E = _eigh_desc(C)
     P = np.maximum(lam, EIG_FLOOR)[:, None] ** (-shrinkage / 2) * E.T
     return _whitening(m, P, dims)
 

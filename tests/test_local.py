@@ -219,7 +219,8 @@ def test_extract_local_matches_single_image_processing(variables):
 
 def test_learn_whitening_uses_top_smoothed_descriptors(variables):
     images = [RNG.random((64, 64, 3)).astype(np.float32) for _ in range(3)]
-    wh = local.learn_whitening(variables, images, model=MODEL, n=5, max_side=None)
+    # one image per window: the mean and covariance are accumulated across windows
+    wh = local.learn_whitening(variables, images, model=MODEL, n=5, max_side=None, window=1)
     smoothed = jax.jit(lambda v, x: MODEL.apply(v, x, method=local.HOWNet.smoothed))
     rows = []
     for img in images:

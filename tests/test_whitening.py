@@ -48,6 +48,22 @@ def test_pca_whitening_decorrelates():
     assert whitening.pca_whiten_learn(X, dims=5).P.shape == (5, 12)
 
 
+def test_pca_whitening_from_accumulated_moments():
+    """The streaming form: mean and covariance summed in float64 over chunks give the same
+    whitening as the whole matrix."""
+    X = (unit_rows(900, 16) @ RNG.normal(size=(16, 16)) + 3.0).astype(np.float32)
+    count, total, outer = 0, 0.0, 0.0
+    for chunk in np.array_split(X.astype(np.float64), 7):
+        count, total, outer = count + len(chunk), total + chunk.sum(0), outer + chunk.T @ chunk
+    m = total / count
+    got = whitening.pca_whiten_from_moments(m, outer / count - np.outer(m, m), 1.0, dims=10)
+    ref = whitening.pca_whiten_learn(X, dims=10)
+    np.testing.assert_allclose(np.asarray(got.m), np.asarray(ref.m), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.abs(np.asarray(got.P)), np.abs(np.asarray(ref.P)), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"m, C: expected \(D,\) and \(D, D\)"):
+        whitening.pca_whiten_from_moments(m, np.eye(3))
+
+
 def test_lw_cirtorch_transcription():
     X, _, q, p = clustered()
     Xd = X.astype(np.float64)
