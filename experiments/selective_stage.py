@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -46,11 +45,11 @@ from jret.embed import assemble_layers, selective_describe, selective_learn, tem
 from jret.embed.selective import map_batches
 from jret.evaluate import evaluate_revisited, ranks_from_ids
 from jret.extract import (
-    _batch_size_for,
     _padded,
     _resize,
     _scaled_shape,
     pad_value,
+    padded_batches,
     prepare_image,
 )
 from jret.models import RetrievalNet, build_backbone, feature_mask
@@ -219,33 +218,24 @@ def extract_maps(
     fill = pad_value(model)
     with_sift = "sift" in scfg.masks
     maps, sift = [None] * len(images), [None] * len(images)
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    prepared = {}
-    for i, im in enumerate(tqdm(images, desc=f"{desc}: load", leave=False)):
-        prepared[i] = prepare(config, im, None if bboxes is None else bboxes[i])
-        groups[
-            square if bboxes is not None else _padded(prepared[i].shape[:2], ecfg.pad_multiple)
-        ].append(i)
+    prepared = [
+        prepare(config, im, None if bboxes is None else bboxes[i])
+        for i, im in enumerate(tqdm(images, desc=f"{desc}: load", leave=False))
+    ]
+    # every query crop fits the square, so padding to a multiple of its side gives that square
+    multiple = square[0] if bboxes is not None else ecfg.pad_multiple
     bar = tqdm(total=len(images), desc=desc)
-    for shape, idx in groups.items():
-        for start in range(0, len(idx), ecfg.batch_size):
-            chunk = idx[start : start + ecfg.batch_size]
-            bs = _batch_size_for(len(chunk), ecfg.batch_size)
-            batch = np.broadcast_to(fill, (bs, *shape, 3)).copy()
-            valid = np.zeros((bs, *shape), bool)
-            for j, i in enumerate(chunk):
-                h, w = prepared[i].shape[:2]
-                batch[j, :h, :w], valid[j, :h, :w] = prepared[i], True
-            out = np.asarray(forward(variables, batch))
-            cells = np.asarray(
-                feature_mask(valid, out.shape[1:3], backbone.stride, backbone.mask_anchor)
-            )
-            for j, i in enumerate(chunk):
-                grid = (max(int(cells[j, :, 0].sum()), 1), max(int(cells[j, 0].sum()), 1))
-                maps[i] = out[j, : grid[0], : grid[1]]
-                if with_sift:
-                    sift[i] = masks.sift_mask(prepared[i], grid, radius=scfg.sift_radius)
-            bar.update(len(chunk))
+    for chunk, batch, valid, _ in padded_batches(prepared, 1.0, ecfg.batch_size, multiple, fill):
+        out = np.asarray(forward(variables, batch))
+        cells = np.asarray(
+            feature_mask(valid, out.shape[1:3], backbone.stride, backbone.mask_anchor)
+        )
+        for j, i in enumerate(chunk):
+            grid = (max(int(cells[j, :, 0].sum()), 1), max(int(cells[j, 0].sum()), 1))
+            maps[i] = out[j, : grid[0], : grid[1]]
+            if with_sift:
+                sift[i] = masks.sift_mask(prepared[i], grid, radius=scfg.sift_radius)
+        bar.update(len(chunk))
     bar.close()
     return _pad(maps, sift if with_sift else None)
 

@@ -49,7 +49,6 @@ at every scale (the protocol of :func:`jret.extract.prepare_image`: query crop, 
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -65,13 +64,11 @@ from jret._checks import check_finite, check_floating, check_ndim, check_positiv
 from jret.extract import (
     DEFAULT_SCALES,
     ImageLike,
-    _batch_size_for,
-    _padded,
-    _resize,
-    _scaled_shape,
     check_extract_args,
     pad_value,
+    padded_batches,
     prepared_windows,
+    show_progress,
 )
 from jret.models.retrieval import RetrievalNet, build_backbone
 
@@ -685,22 +682,13 @@ def _valid_cells(size: int, stride: int, anchor: str) -> int:
 
 def _scale_maps(forward, prepared, scale: float, opts: dict) -> list[np.ndarray]:
     """Activations ``(h_i, w_i, C)`` of prepared images at one scale, padded cells cropped."""
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, img in enumerate(prepared):
-        groups[_padded(_scaled_shape(img.shape[:2], scale), opts["pad_multiple"])].append(i)
     out: list = [None] * len(prepared)
-    for shape, idx in groups.items():
-        for start in range(0, len(idx), opts["batch_size"]):
-            chunk = idx[start : start + opts["batch_size"]]
-            bs = _batch_size_for(len(chunk), opts["batch_size"])
-            batch = np.broadcast_to(opts["pad"], (bs, *shape, 3)).copy()
-            sizes = [_scaled_shape(prepared[i].shape[:2], scale) for i in chunk]
-            for j, (i, hw) in enumerate(zip(chunk, sizes, strict=True)):
-                batch[j, : hw[0], : hw[1]] = _resize(prepared[i], hw, antialias=False)
-            maps = np.asarray(forward(batch))
-            for j, (i, (h, w)) in enumerate(zip(chunk, sizes, strict=True)):
-                cells = (_valid_cells(v, opts["stride"], opts["anchor"]) for v in (h, w))
-                out[i] = maps[j, : next(cells), : next(cells)]
+    batches = padded_batches(prepared, scale, opts["batch_size"], opts["pad_multiple"], opts["pad"])
+    for chunk, batch, _, sizes in batches:
+        maps = np.asarray(forward(batch))
+        for j, (i, (h, w)) in enumerate(zip(chunk, sizes, strict=True)):
+            cells = (_valid_cells(v, opts["stride"], opts["anchor"]) for v in (h, w))
+            out[i] = maps[j, : next(cells), : next(cells)]
     return out
 
 
@@ -820,7 +808,7 @@ def extract_features(
         validate=validate,
     )
     sets = []
-    show = len(images) > 64 if progress is None else progress
+    show = show_progress(progress, len(images))
     with tqdm(total=len(images), desc="dsm features", disable=not show) as bar:
         for _, maps in windows:
             kwargs = dict(database=database, validate=validate, **detect_kwargs)

@@ -272,7 +272,7 @@ def describe_images(
     size, then ``combine((S, n, D)) -> (n, D)`` over the scales. Returns ``(N, D)`` float32."""
     check_extract_args(images, bboxes, scales, batch_size, pad_multiple, window)
     result = None
-    bar = tqdm(total=len(images), desc="extract", disable=not _show(progress, len(images)))
+    bar = tqdm(total=len(images), desc="extract", disable=not show_progress(progress, len(images)))
     for first, prepared in prepared_windows(images, bboxes, max_side, crop_mode, window, validate):
         per_scale = [
             _describe(forward, variables, prepared, s, batch_size, pad_multiple, pad)
@@ -289,28 +289,46 @@ def describe_images(
     return result
 
 
-def _describe(forward, variables, prepared, scale, batch_size, pad_multiple, pad_value):
-    """Single-scale network descriptors ``(n, D)`` of prepared images, batched by padded size."""
+def padded_batches(
+    prepared: Sequence[np.ndarray],
+    scale: float,
+    batch_size: int,
+    pad_multiple: int,
+    pad_value: np.ndarray,
+) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, int]]]]:
+    """Prepared images resized by ``scale`` and batched by padded size: per batch ``(indices,
+    images (B, H, W, 3), mask (B, H, W), sizes)``, the images padded with ``pad_value`` to a
+    multiple of ``pad_multiple`` pixels and ``B`` rounded up (:func:`_batch_size_for`) so that few
+    batch shapes are compiled; rows past ``len(indices)`` are padding."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, img in enumerate(prepared):
         groups[_padded(_scaled_shape(img.shape[:2], scale), pad_multiple)].append(i)
-    out = None
     for shape, idx in groups.items():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             bs = _batch_size_for(len(chunk), batch_size)
             batch = np.broadcast_to(pad_value, (bs, *shape, 3)).copy()
             mask = np.zeros((bs, *shape), bool)
-            for j, i in enumerate(chunk):
-                h, w = _scaled_shape(prepared[i].shape[:2], scale)
+            sizes = [_scaled_shape(prepared[i].shape[:2], scale) for i in chunk]
+            for j, (i, (h, w)) in enumerate(zip(chunk, sizes, strict=True)):
                 batch[j, :h, :w] = _resize(prepared[i], (h, w), antialias=False)
                 mask[j, :h, :w] = True
-            desc = np.asarray(forward(variables, batch, mask))[: len(chunk)]
-            if out is None:
-                out = np.zeros((len(prepared), desc.shape[1]), np.float32)
-            out[chunk] = desc
+            yield chunk, batch, mask, sizes
+
+
+def _describe(forward, variables, prepared, scale, batch_size, pad_multiple, pad_value):
+    """Single-scale network descriptors ``(n, D)`` of prepared images, batched by padded size."""
+    out = None
+    for chunk, batch, mask, _ in padded_batches(
+        prepared, scale, batch_size, pad_multiple, pad_value
+    ):
+        desc = np.asarray(forward(variables, batch, mask))[: len(chunk)]
+        if out is None:
+            out = np.zeros((len(prepared), desc.shape[1]), np.float32)
+        out[chunk] = desc
     return out
 
 
-def _show(progress: bool | None, n: int) -> bool:
+def show_progress(progress: bool | None, n: int) -> bool:
+    """Whether to draw a progress bar over ``n`` images: ``progress``, or more than 64 if None."""
     return n > 64 if progress is None else progress

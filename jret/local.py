@@ -38,11 +38,11 @@ from tqdm.auto import tqdm
 from jret._checks import check_finite, check_floating, check_ndim, check_positive_int
 from jret.extract import (
     _describe,
-    _show,
     check_extract_args,
     describe_images,
     pad_value,
     prepared_windows,
+    show_progress,
     unbind_model,
 )
 from jret.models import convert
@@ -345,7 +345,7 @@ def _strongest_by_window(
     n = check_positive_int(n, "n")
     forward = _top_cells(model, method, n)
     batching = (opts.batch_size, opts.pad_multiple, pad_value(model))
-    show = _show(opts.progress, len(images))
+    show = show_progress(opts.progress, len(images))
     with tqdm(total=len(images), desc=label, disable=not show) as bar:
         windows = prepared_windows(
             images, bboxes, opts.max_side, opts.crop_mode, opts.window, opts.validate
