@@ -192,6 +192,17 @@ def test_iterate_images_numpy_rows_and_bad_input():
         src.image_bytes(4)
 
 
+def test_image_view_decodes_the_chosen_images_on_access():
+    rng = np.random.default_rng(7)
+    imgs = [random_image(rng, 6 + i, 9) for i in range(5)]
+    view = records(imgs).view([3, 0, 3])
+    assert len(view) == 3
+    for k, i in enumerate([3, 0, 3]):
+        np.testing.assert_array_equal(view[k], imgs[i].astype(np.float32) / 255)
+    with pytest.raises(IndexError):
+        view[3]
+
+
 def test_record_order_is_checked():
     data = np.frombuffer(jpeg(np.zeros((4, 4, 3), np.uint8), "PNG"), np.uint8)
     src = ld.ImageRecords([{"index": 1, "image": data}, {"index": 0, "image": data}])

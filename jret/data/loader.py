@@ -106,6 +106,24 @@ class ImageRecords:
         """Image ``i`` as float32 ``(H, W, 3)`` in [0, 1] (see :func:`load_image`)."""
         return load_image(self.image_bytes(i), max_side, augment, rng)
 
+    def view(self, indices: Sequence[int]) -> ImageView:
+        """The images ``indices`` as a sequence decoded on access, for the extractors, which
+        read a window of images at a time: a long list never sits decoded in memory."""
+        return ImageView(self, np.asarray(indices, np.int64))
+
+
+class ImageView(Sequence):
+    """Images of an :class:`ImageRecords` by position in ``indices``, decoded when read."""
+
+    def __init__(self, records: ImageRecords, indices: np.ndarray):
+        self.records, self.indices = records, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.records.image(int(self.indices[k]))
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainSource:

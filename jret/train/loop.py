@@ -182,9 +182,13 @@ def init_how_whitening(config, model: local.HOWNet, variables: dict, source: Tra
     ``model.whitening_images`` training images at the training size (SPEC §5.1; frozen after)."""
     n = min(int(config.model.get("whitening_images", 1000)), len(source))
     size = config.train.image_size
-    images = [source.images.image(i) for i in range(n)]
     whitening = local.learn_whitening(
-        variables, images, model=model, max_side=size, pad_multiple=size, progress=False
+        variables,
+        source.images.view(range(n)),
+        model=model,
+        max_side=size,
+        pad_multiple=size,
+        progress=False,
     )
     return local.set_how_whitening(variables, whitening)
 
@@ -232,10 +236,9 @@ def fit_whitening(config, model: RetrievalNet, variables: dict, source: TrainSou
     descriptors that will be indexed (``config.whitening`` scales and image size)."""
     w = config.whitening
     used, inverse = np.unique(np.stack([source.qidxs, source.pidxs], 1), return_inverse=True)
-    images = [source.images.image(int(i)) for i in used]
     T = extract_global(
         variables,
-        images,
+        source.images.view(used),
         tuple(w.scales),
         model=model,
         max_side=w.max_side,
