@@ -24,7 +24,7 @@ import numpy as np
 
 from jret.data import revisited, sfm, synthetic
 from jret.extract import extract_global
-from jret.models import RetrievalNet, convert, init_retrieval_net
+from jret.models import RetrievalNet, build_backbone, convert, init_retrieval_net
 from jret.train.checkpoint import load_export
 from jret.whitening import Whitening, lw_learn, whiten_apply
 
@@ -94,14 +94,11 @@ def build_model(config) -> tuple[RetrievalNet, dict]:
             f"model: cirtorch checkpoint {mcfg.weights} ({meta.get('architecture', mcfg.backbone)})"
         )
         return model, variables
-    variables = convert.torchvision_to_flax(convert.load_state_dict(mcfg.weights), mcfg.backbone)
-    params = (
-        {**variables["params"], "p": np.float32(mcfg.p)}
-        if mcfg.pooling == "gem"
-        else variables["params"]
-    )
+    trunk = build_backbone(mcfg.backbone, **kwargs.get("backbone_kwargs", {}))
+    loaded = convert.torchvision_to_flax(convert.load_state_dict(mcfg.weights), trunk)
+    initial = init_retrieval_net(jax.random.key(config.seed), mcfg.backbone, **kwargs)
     print(f"model: {mcfg.backbone} from {mcfg.weights}")
-    return model, {**variables, "params": params}
+    return model, convert.with_backbone(initial, loaded)
 
 
 def global_extractor(config, model: RetrievalNet, variables: dict) -> Callable[..., np.ndarray]:

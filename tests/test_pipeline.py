@@ -5,6 +5,7 @@ import json
 import pathlib
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -127,3 +128,38 @@ def test_unknown_stage_is_named_in_the_error():
         sys.path.pop(0)
     with pytest.raises(ValueError, match="stages: expected names from"):
         retrieve.stage_module("sift")
+
+
+def test_main_job_network_from_torchvision_weights(tmp_path):
+    """``model.weights`` (torchvision layout): the backbone holds the converted weights, GeM p the
+    config's value, and the network describes images."""
+    import importlib.util
+
+    pytest.importorskip("torch", reason="the torch-layout reference ResNet needs torch")
+    from jret.models import build_backbone, convert
+
+    spec = importlib.util.spec_from_file_location(
+        "jret_benchmarks_torch_resnet", REPO / "experiments" / "benchmarks" / "torch_resnet.py"
+    )
+    torch_resnet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_resnet)
+    state = {
+        k: v.numpy()
+        for k, v in torch_resnet.ResNet((2, 2, 2, 2), bottleneck=False, width=8)
+        .state_dict()
+        .items()
+    }
+    convert.save_npz(state, tmp_path / "r18.npz")
+    config = tiny_config(tmp_path / "data")
+    config.model.update(dict(weights=str(tmp_path / "r18.npz"), weights_format="torchvision"))
+    model, variables = pipeline.build_model(config)
+    ref = convert.torchvision_to_flax(state, build_backbone("resnet18", width=8))
+    assert jax.tree.all(
+        jax.tree.map(np.array_equal, ref["params"], variables["params"]["features"])
+    )
+    assert jax.tree.all(
+        jax.tree.map(np.array_equal, ref["batch_stats"], variables["batch_stats"]["features"])
+    )
+    assert float(variables["params"]["p"]) == config.model.p
+    x = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    assert np.asarray(model.apply(variables, x)).shape == (2, 64)  # 8 × 8 channels at conv5_x

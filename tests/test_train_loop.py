@@ -184,3 +184,45 @@ def test_unknown_model_kind_is_named(config):
     c.model.kind = "delf"
     with pytest.raises(ValueError, match="model.kind: expected one of"):
         build_model(c)
+
+
+@pytest.mark.parametrize("kind", ["global", "how"])
+def test_build_model_starts_from_torchvision_weights(config, tmp_path, kind):
+    """``model.weights``: the backbone takes the converted weights (a HOW trunk cut after
+    conv4_x ignores layer4), the head keeps its initial parameters (GeM p, the whitening)."""
+    import importlib.util
+
+    pytest.importorskip("torch", reason="the torch-layout reference ResNet needs torch")
+    from jret.models import build_backbone, convert
+
+    spec = importlib.util.spec_from_file_location(
+        "jret_benchmarks_torch_resnet", ROOT / "experiments" / "benchmarks" / "torch_resnet.py"
+    )
+    torch_resnet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_resnet)
+    net = torch_resnet.ResNet((1, 1, 1, 1), bottleneck=False, width=4)
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    convert.save_npz(state, tmp_path / "r18.npz")
+    c = copy.deepcopy(config)
+    c.model.update(dict(kind=kind, weights=str(tmp_path / "r18.npz"), dim=8))
+    if kind == "how":
+        c.model.backbone_kwargs = {"stage_sizes": (1, 1, 1, 1), "width": 4, "num_stages": 3}
+    model, variables = build_model(c)
+    _, initial = build_model(_no_weights(c))
+    trunk = build_backbone("resnet18", **model.backbone_kwargs)
+    ref = convert.torchvision_to_flax(state, trunk, strict=kind == "global")
+    assert jax.tree.all(
+        jax.tree.map(np.array_equal, ref["params"], variables["params"]["features"])
+    )
+    head = [k for k in variables["params"] if k != "features"]
+    assert head == (["p"] if kind == "global" else ["whiten"])
+    for k in head:
+        assert jax.tree.all(
+            jax.tree.map(np.array_equal, initial["params"][k], variables["params"][k])
+        )
+
+
+def _no_weights(config):
+    c = copy.deepcopy(config)
+    c.model.weights = ""
+    return c

@@ -160,6 +160,19 @@ def torchvision_to_flax(
     return traverse_util.unflatten_dict(flat)
 
 
+def with_backbone(variables: Mapping[str, Any], backbone: Mapping[str, Any]) -> dict[str, Any]:
+    """A network's variables with its backbone (the ``features`` submodule of a
+    :class:`RetrievalNet` or a HOW network) replaced by ``backbone``, the output of
+    :func:`torchvision_to_flax`; the head (GeM p, whitening) keeps its values."""
+    out = {**variables, "params": {**variables["params"], "features": backbone["params"]}}
+    if "batch_stats" in backbone:
+        out["batch_stats"] = {
+            **variables.get("batch_stats", {}),
+            "features": backbone["batch_stats"],
+        }
+    return out
+
+
 def _cirtorch_to_torchvision(name: str, backbone: ResNet | VGG) -> str:
     """``features.<i>.rest`` → the torchvision name (ResNet children; VGG keeps its indices)."""
     if isinstance(backbone, VGG):

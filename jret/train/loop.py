@@ -172,7 +172,7 @@ def build_model(config) -> tuple[RetrievalNet | local.HOWNet, dict]:
         loaded = convert.torchvision_to_flax(
             state, trunk, strict="num_stages" not in backbone_kwargs
         )
-        variables = {**loaded, "params": {**variables["params"], **loaded["params"]}}
+        variables = convert.with_backbone(variables, loaded)
     return model, variables
 
 
